@@ -1,0 +1,3 @@
+from dstcli.cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""Reading safetensors checkpoints lazily, and writing outputs atomically.
+
+A checkpoint is a single ``.safetensors`` file or a directory holding ``model.safetensors`` or
+shards listed in ``model.safetensors.index.json``. Tensors are read one at a time; the whole
+checkpoint is never held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dstcli.errors import DstError
+
+INDEX_NAME = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+}
+MAX_HEADER = 100 << 20  # safetensors' own cap on header size
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shard: Path  # the file holding it
+    start: int  # absolute byte offset of its data in that file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def patchable(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def _read_header(path: Path) -> list[TensorInfo]:
+    """Parse one safetensors file's header (validated by safe_open first) into tensor extents."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > MAX_HEADER:
+                raise DstError(f"{path}: safetensors header of {size} bytes is over the {MAX_HEADER} cap")
+            header = json.loads(f.read(size))
+    except (SafetensorError, OSError, ValueError, struct.error) as e:
+        raise DstError(f"cannot read safetensors file {path}: {e}; is it a complete .safetensors file?") from e
+    base = 8 + size
+    infos = []
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if spec["dtype"] not in SAFETENSORS_DTYPES:
+            raise DstError(f"{path}: tensor {name!r} has dtype {spec['dtype']}, which dstcli cannot read")
+        a, b = spec["data_offsets"]
+        infos.append(TensorInfo(name, SAFETENSORS_DTYPES[spec["dtype"]], tuple(spec["shape"]), path, base + a, base + b))
+    return sorted(infos, key=lambda t: t.start)
+
+
+class Checkpoint:
+    """A lazily read checkpoint. `tensors` maps name -> TensorInfo in name order."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DstError(f"checkpoint {self.path} does not exist: pass a .safetensors file or a model directory")
+        self.is_dir = self.path.is_dir()
+        self.shards = self._find_shards()
+        infos: dict[str, TensorInfo] = {}
+        for shard in self.shards:
+            for info in _read_header(shard):
+                if info.name in infos:
+                    raise DstError(f"tensor {info.name!r} appears in both {infos[info.name].shard.name} "
+                                   f"and {shard.name}: the checkpoint is inconsistent")
+                infos[info.name] = info
+        self.tensors = dict(sorted(infos.items()))
+
+    def _find_shards(self) -> list[Path]:
+        if not self.is_dir:
+            return [self.path]
+        index = self.path / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DstError(f"cannot read shard index {index}: {e}") from e
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise DstError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return [self.path / f for f in files]
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        found = sorted(self.path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found
+        raise DstError(f"{self.path} holds no model.safetensors (nor {INDEX_NAME}): "
+                       "pass a .safetensors file or a model directory")
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk into memory."""
+        info = self.tensors[name]
+        with open(info.shard, "rb") as f:
+            f.seek(info.start)
+            data = f.read(info.end - info.start)
+        if len(data) != info.end - info.start:
+            raise DstError(f"{info.shard}: tensor {name!r} is truncated")
+        if not data:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(bytearray(data), dtype=info.dtype).reshape(info.shape)
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors.values() if t.patchable)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.end - t.start for t in self.tensors.values())
+
+
+# --- atomic outputs -----------------------------------------------------------------------------
+def check_output(out: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
+    out_r = out.resolve()
+    for p in inputs:
+        p_r = Path(p).resolve()
+        if out_r == p_r or p_r in out_r.parents or out_r in p_r.parents:
+            raise DstError(f"output {out} would overwrite the input {p}: choose another -o path")
+    if out.exists() and not overwrite:
+        raise DstError(f"output {out} already exists: pass --overwrite to replace it, or choose another -o path")
+    if not out.parent.exists():
+        raise DstError(f"directory {out.parent} does not exist: create it first")
+
+
+@contextlib.contextmanager
+def atomic_path(out: Path, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `out`; on success rename it into place, on any failure remove it."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    target = tmp if is_dir else tmp / out.name
+    try:
+        yield target
+        if out.is_dir() and not out.is_symlink():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(target, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, out)
+    except OSError as e:
+        raise DstError(f"cannot write {out}: {e.strerror or e}; check free space and permissions") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,304 @@
+"""The `dstcli` command line: a thin layer over dstcli.ops and dstcli.train.
+
+Each command checks its flags, calls one library function and prints the result. Library errors
+(DstError) become one `Error: ...` line on stderr and exit code 1; usage errors exit with 2.
+Machine-readable output goes to stdout, progress and hints to stderr. DSTCLI_DEBUG=1 shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dstcli import __version__
+from dstcli.errors import DstError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Dynamic Subset Tuning: train, diff, apply and inspect exact sparse patches.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"dstcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+@contextmanager
+def _bytes_progress(total: int, label: str, quiet: bool = False) -> Iterator:
+    """A progress bar on stderr for inputs over 64 MB; yields the library's progress callback."""
+    if quiet or total < (64 << 20):
+        yield None
+        return
+    cols = [TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=err, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda name, n: bar.advance(task, n)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def diff(
+    base: Path = typer.Argument(..., help="Base checkpoint: a .safetensors file or a model directory."),
+    finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint of the same architecture."),
+    output: Path = typer.Option(..., "-o", "--output", help="Patch file to write."),
+    epsilon: Optional[float] = typer.Option(None, help="Keep only this fraction of each silo (1e-7..1); default: lossless."),
+    params: Optional[int] = typer.Option(None, help="Keep this many entries in all, spread over silos by size."),
+    silo: str = typer.Option("tensor", help="Budget groups: tensor (per tensor), row (per matrix row), global (one)."),
+    distance: str = typer.Option("absolute", help="Rank entries by absolute, relative or inverse-relative change."),
+    include: Optional[List[str]] = typer.Option(None, help="Only tensors matching this glob (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, help="Never tensors matching this glob (repeatable)."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Extract a patch from BASE to FINETUNED: lossless, or projected to a budget per silo."""
+    from dstcli import ops
+    from dstcli.checkpoint import Checkpoint
+
+    with _bytes_progress(Checkpoint(base).nbytes, "diff", json_out) as progress:
+        header = ops.diff(base, finetuned, output, epsilon=epsilon, params=params, silo=silo, dist=distance,
+                          include=include, exclude=exclude, overwrite=overwrite, progress=progress)
+    size = output.stat().st_size
+    k = header["changed"]
+    summary = {"output": str(output), "changed": k, "base_params": header["base_params"],
+               "patch_bytes": size, "bytes_per_changed": size / k if k else None,
+               "budget": header["budget"].get("total")}
+    if json_out:
+        print(json.dumps(summary))
+        return
+    per = f", {size / k:.2f} bytes per changed entry" if k else ""
+    budget = f" (budget {summary['budget']:,})" if summary["budget"] is not None else " (lossless)"
+    out.print(f"Wrote {output}: {k:,} of {header['base_params']:,} entries changed{budget}, "
+              f"{_size(size)}{per}")
+
+
+@app.command()
+def apply(
+    base: Path = typer.Argument(..., help="Base checkpoint the patches were made for."),
+    patches: List[Path] = typer.Argument(..., help="One or more patches, applied in order."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint to write (same layout as BASE)."),
+    revert: bool = typer.Option(False, help="Undo the patches (BASE is the patched checkpoint); bit-exact."),
+    scale: float = typer.Option(1.0, help="Apply SCALE times each change (arithmetic: not bit-exact)."),
+    force: bool = typer.Option(False, help="Apply even where a tensor is not the one the patch was made for."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Apply PATCHES to BASE bit-exactly, refusing a base they were not made for."""
+    from dstcli import ops
+    from dstcli.checkpoint import Checkpoint
+
+    with _bytes_progress(Checkpoint(base).nbytes, "apply", json_out) as progress:
+        summary = ops.apply(base, patches, output, force=force, scale=scale, revert=revert,
+                            overwrite=overwrite, progress=progress)
+    if json_out:
+        print(json.dumps(summary))
+        return
+    verb = "Reverted" if revert else "Applied"
+    out.print(f"{verb} {len(patches)} patch(es): {summary['entries_changed']:,} entries in "
+              f"{summary['tensors_patched']} tensors; wrote {output}")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, str):
+        return v
+    return f"{v:.3g}" if isinstance(v, float) else f"{v:,}"
+
+
+@app.command()
+def inspect(
+    patch: Path = typer.Argument(..., help="Patch file."),
+    sort: str = typer.Option("name", help="Order rows by name, changed, fraction, delta_l2, delta_max or numel."),
+    top: Optional[int] = typer.Option(None, help="Show only the first N rows."),
+    by: str = typer.Option("tensor", help="One row per tensor, or per layer (block number in the name)."),
+    all_rows: bool = typer.Option(False, "--all", help="Also list tensors the patch leaves unchanged."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (schema: docs/FORMAT.md)."),
+) -> None:
+    """Show which tensors a patch changes, how many entries, and by how much (header only)."""
+    from dstcli import ops
+
+    if top is not None and top < 1:
+        raise DstError(f"--top {top} must be at least 1")
+    info = ops.inspect(patch, sort=sort, top=None, by=by)
+    rows = info["rows"] if all_rows or json_out else [r for r in info["rows"] if r["changed"]]
+    info["rows"] = rows[:top] if top else rows
+    if json_out:
+        print(json.dumps(info, indent=2))
+        return
+    out.print(f"[bold]{info['path']}[/]  format v{info['format_version']} ({info['producer']}), "
+              f"{_size(info['patch_bytes'])}")
+    out.print(f"base fingerprint {info['base_fingerprint']}")
+    out.print(f"changed {info['changed']:,} of {info['base_params']:,} parameters "
+              f"(effective epsilon {info['effective_epsilon']:.3g}) in {info['tensors_changed']} of "
+              f"{info['tensors']} tensors")
+    b = info["budget"]
+    if b:
+        given = f"epsilon {b['epsilon']}" if b.get("epsilon") is not None else f"params {b['params']:,}"
+        out.print(f"budget {given}, silo {b['silo']}, distance {b['distance']}: total {b['total']:,}")
+    metrics = info["run"].get("metrics")
+    if metrics:
+        out.print("metrics " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+    table = Table(box=None, header_style="bold")
+    for col in ("name" if by == "tensor" else "layer", "changed", "budget", "numel", "fraction", "delta L2", "max |delta|"):
+        table.add_column(col, justify="left" if col in ("name", "layer") else "right")
+    for r in info["rows"]:
+        table.add_row(r["name"], _fmt(r["changed"]), "-" if r["budget"] is None else _fmt(r["budget"]),
+                      _fmt(r["numel"]), f"{r['fraction']:.2e}", _fmt(r["delta_l2"]), _fmt(r["delta_max"]))
+    out.print(table)
+
+
+def _load_config_file(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    from dstcli.train import TrainOptions
+
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DstError(f"cannot read config file {path}: {e}") from e
+    conf = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(conf) - TrainOptions.keys())
+    if unknown:
+        raise DstError(f"{path}: unknown key(s) {', '.join(unknown)}; keys are the train options, "
+                       "e.g. epsilon, lr, steps")
+    return conf
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    base: Optional[str] = typer.Argument(None, help="Model directory, or a bundled sample name (default: tiny-gpt)."),
+    data: Optional[Path] = typer.Argument(None, help="JSONL of {text} or {prompt, completion} rows (default: bundled pytype task)."),
+    output: Path = typer.Option(Path("dstcli-patch.dst"), "-o", "--output", help="Patch file to write."),
+    epsilon: Optional[float] = typer.Option(None, help="Fraction of each silo that may differ from the seed (default 1e-3); larger adapts more, patch grows."),
+    params: Optional[int] = typer.Option(None, help="Exact number of parameters that may differ, spread over silos by size (instead of --epsilon)."),
+    silo: str = typer.Option("tensor", help="Budget groups: tensor (spreads change over modules), row (finer), global (lets a few tensors take all)."),
+    distance: str = typer.Option("absolute", help="Which entries count as farthest: absolute, relative or inverse-relative change."),
+    reselect_every: str = typer.Option("1", help="Re-choose the kept set every R steps; 'never' fixes it after step 1 (static sparse tuning)."),
+    include: Optional[List[str]] = typer.Option(None, help="Train only tensors matching this glob (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, help="Never train tensors matching this glob (repeatable), e.g. '*wte*'."),
+    optimizer: str = typer.Option("adamw", help="adamw (default), adafactor (less optimizer memory) or sgd (momentum 0.9)."),
+    lr: float = typer.Option(1e-2, help="Peak learning rate; DST wants ~10x full fine-tuning's, as resets regularise."),
+    weight_decay: float = typer.Option(0.0, help="Decoupled weight decay; pulls kept entries towards 0, not the seed."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 300 unless --epochs is given)."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over DATA instead of --steps."),
+    batch_size: int = typer.Option(16, help="Examples per micro-batch; larger is smoother but slower per step."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step: a larger batch at the same memory."),
+    seq_len: int = typer.Option(128, help="Longest example in tokens; longer rows keep their end."),
+    warmup: int = typer.Option(20, help="Linear warm-up steps before the cosine decay."),
+    clip: float = typer.Option(1.0, help="Gradient-norm clipping (0 turns it off)."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Validation JSONL (default with the bundled task: its valid split)."),
+    eval_every: int = typer.Option(0, help="Evaluate every N steps (0: only before and after); costs time."),
+    seed: int = typer.Option(0, help="Random seed: the same seed on CPU gives the same patch bytes."),
+    device: str = typer.Option("auto", help="auto (cuda if present), cpu or cuda."),
+    dtype: str = typer.Option("auto", help="Compute precision (autocast): auto, float32, bfloat16, float16; weights keep the checkpoint's dtype."),
+    metrics: Optional[Path] = typer.Option(None, help="Write one JSON line per step (loss, lr, changed, churn, eval) here."),
+    config: Optional[Path] = typer.Option(None, help="TOML file whose keys are these options; flags given here win."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
+) -> None:
+    """Fine-tune BASE on DATA with Dynamic Subset Tuning; write the result as a sparse patch."""
+    from click.core import ParameterSource
+
+    from dstcli.train import TrainOptions, train as run_train
+
+    given = {k: v for k, v in ctx.params.items()
+             if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    values = dict(ctx.params)
+    if config is not None:
+        conf = _load_config_file(config)
+        values.update({k: v for k, v in conf.items() if k not in given and k != "eval"})
+        if "eval" in conf and "eval_file" not in given:
+            values["eval_file"] = conf["eval"]
+    r = str(values["reselect_every"]).lower()
+    if r in ("never", "inf", "none"):
+        reselect = None
+    elif r.isdigit() and int(r) >= 1:
+        reselect = int(r)
+    else:
+        raise DstError(f"--reselect-every {r!r} must be a positive whole number or 'never'")
+    opts = TrainOptions(
+        base=values["base"], data=str(values["data"]) if values["data"] else None, output=str(values["output"]),
+        epsilon=values["epsilon"], params=values["params"], silo=values["silo"], distance=values["distance"],
+        reselect_every=reselect, include=values["include"] or None, exclude=values["exclude"] or None,
+        optimizer=values["optimizer"], lr=values["lr"], weight_decay=values["weight_decay"], steps=values["steps"],
+        epochs=values["epochs"], batch_size=values["batch_size"], grad_accum=values["grad_accum"],
+        seq_len=values["seq_len"], warmup=values["warmup"], clip=values["clip"],
+        eval=str(values["eval_file"]) if values["eval_file"] else None, eval_every=values["eval_every"],
+        seed=values["seed"], device=values["device"], dtype=values["dtype"],
+        metrics=str(values["metrics"]) if values["metrics"] else None, overwrite=values["overwrite"])
+
+    cols = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
+    with Progress(*cols, console=err, transient=True, disable=json_out and not err.is_terminal) as bar:
+        task = bar.add_task("train", total=None, info="evaluating base model")
+
+        def on_step(r: dict) -> None:
+            info = (f"loss {r['loss']:.3f} lr {r['lr']:.1e} changed {r['nonseed']:,} "
+                    f"churn +{r['entered']}/-{r['left']} {r['tokens_per_s']:,.0f} tok/s")
+            bar.update(task, total=r["steps"], completed=r["step"], info=info)
+
+        result = run_train(opts, on_step=on_step)
+
+    summary = {"output": str(result.output), "patch_bytes": result.patch_bytes, "steps": result.steps,
+               "seconds": round(result.seconds, 1), "budget": result.budget, "changed": result.changed,
+               "trainable_params": result.trainable, "base": result.base_metrics, "tuned": result.final_metrics}
+    if json_out:
+        print(json.dumps(summary))
+        return
+    table = Table(title="validation", box=None, header_style="bold")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("DST-tuned", justify="right")
+    for k in result.final_metrics:
+        table.add_row(k, f"{result.base_metrics.get(k, float('nan')):.4f}", f"{result.final_metrics[k]:.4f}")
+    out.print(table)
+    silos = Table(title="changed entries, top tensors", box=None, header_style="bold")
+    for col in ("tensor", "changed", "budget"):
+        silos.add_column(col, justify="left" if col == "tensor" else "right")
+    for name, changed, budget in result.per_tensor[:8]:
+        silos.add_row(name, f"{changed:,}", f"{budget:,}" if budget else "-")
+    out.print(silos)
+    out.print(f"{result.changed:,} of {result.trainable:,} trainable parameters changed (budget {result.budget:,}) "
+              f"in {result.steps} steps, {result.seconds:.0f} s; wrote {result.output} ({_size(result.patch_bytes)})")
+
+
+def main() -> None:
+    try:
+        app()
+    except DstError as e:
+        if os.environ.get("DSTCLI_DEBUG"):
+            raise
+        err.print(f"Error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("Error: interrupted; no output was written", markup=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The dstcli sparse-patch file: a safetensors file of compressed uint8 blocks plus a JSON header.
+
+    save_patch(path, changes, run=...)     # write (atomically)
+    patch = open_patch(path)              # header only: cheap for any file size
+    idx, xor = patch.read_change(name)    # one tensor's change, fully validated
+
+See docs/FORMAT.md for the exact layout. Every reader check raises `DstError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from dstcli import __version__
+from dstcli.checkpoint import atomic_path, dtype_name
+from dstcli.codec import (INT_VIEW, bits_view, compress, decode_index, decode_values, decompress, encode_index,
+                          encode_values, index_raw_size)
+from dstcli.errors import DstError
+
+FORMAT = "dstcli-patch"
+FORMAT_VERSION = 1
+METADATA_KEY = "dstcli"
+DTYPES = {dtype_name(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                        torch.float8_e4m3fn, torch.float8_e5m2)}
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """sha256 (first 128 bits) of a tensor's raw little-endian bytes: identifies a base tensor."""
+    flat = t.contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:32]
+
+
+def _finite(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+@dataclass
+class Change:
+    """The difference between two same-shaped tensors: positions and XOR bit patterns."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    index: np.ndarray  # (k,) int64, strictly increasing
+    xor: torch.Tensor  # (k,) integer view of the same width as dtype
+    base_fingerprint: str
+    result_fingerprint: str
+    delta_l2: float | str = 0.0
+    delta_max: float | str = 0.0
+    silo: dict[str, Any] = field(default_factory=dict)  # budget facts for this tensor, if budgeted
+
+    @classmethod
+    def between(cls, name: str, base: torch.Tensor, new: torch.Tensor, *, silo: dict | None = None) -> "Change":
+        """Every entry whose bits differ between base and new (same shape and dtype)."""
+        b, n = bits_view(base), bits_view(new)
+        xor = torch.bitwise_xor(b, n)
+        idx = torch.nonzero(xor).reshape(-1)
+        wide = torch.float64
+        delta = new.reshape(-1)[idx].to(wide) - base.reshape(-1)[idx].to(wide)
+        l2 = float(torch.linalg.vector_norm(delta)) if len(idx) else 0.0
+        mx = float(delta.abs().max()) if len(idx) else 0.0
+        return cls(name, base.dtype, tuple(base.shape), idx.numpy(), xor[idx].clone(),
+                   fingerprint(base), fingerprint(new) if len(idx) else fingerprint(base),
+                   _finite(l2), _finite(mx), silo or {})
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def _block(raw: bytes) -> tuple[dict, bytes]:
+    method, stored = compress(raw)
+    return {"compression": method, "raw_bytes": len(raw), "stored_bytes": len(stored),
+            "crc32": f"{zlib.crc32(stored):08x}"}, stored
+
+
+def save_patch(path: str | os.PathLike, changes: list[Change], *, run: dict | None = None,
+               budget: dict | None = None, base_params: int | None = None) -> dict:
+    """Write a patch atomically; returns its header. Unchanged tensors are listed with changed=0.
+
+    Args:
+        path: output file (replaced atomically; the caller decides about overwriting).
+        changes: one Change per patchable tensor of the base, in any order.
+        run: free-form run metadata (epsilon, silo, distance, training config, final metrics).
+        budget: the budget the patch was selected under, if any (see docs/FORMAT.md).
+        base_params: number of patchable scalars in the base (default: the sum over `changes`).
+    """
+    tensors: dict[str, dict] = {}
+    blocks: dict[str, np.ndarray] = {}
+    for ch in sorted(changes, key=lambda c: c.name):
+        if ch.name in tensors:
+            raise DstError(f"tensor {ch.name!r} is listed twice in one patch")
+        k, n = len(ch.index), ch.numel
+        entry: dict[str, Any] = {"dtype": dtype_name(ch.dtype), "shape": list(ch.shape), "numel": n,
+                                 "changed": k, "base_fingerprint": ch.base_fingerprint,
+                                 "result_fingerprint": ch.result_fingerprint,
+                                 "delta_l2": ch.delta_l2, "delta_max": ch.delta_max}
+        if ch.silo:
+            entry["silo"] = ch.silo
+        if k:
+            codec, params, raw_idx = encode_index(ch.index, n)
+            meta, stored = _block(raw_idx)
+            entry["index"] = {"codec": codec, **params, **meta}
+            if stored:
+                blocks[f"{ch.name}::index"] = np.frombuffer(stored, dtype=np.uint8)
+            meta, stored = _block(encode_values(ch.xor))
+            entry["values"] = {"codec": "xor-byteplanes", **meta}
+            blocks[f"{ch.name}::values"] = np.frombuffer(stored, dtype=np.uint8)
+        tensors[ch.name] = entry
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "producer": f"dstcli {__version__}",
+              "base_params": base_params if base_params is not None else sum(c.numel for c in changes),
+              "changed": sum(e["changed"] for e in tensors.values()),
+              "budget": budget or {}, "run": run or {}, "tensors": tensors}
+    with atomic_path(Path(path)) as tmp:
+        save_file(blocks, str(tmp), metadata={"format": FORMAT, METADATA_KEY: json.dumps(header)})
+    return header
+
+
+class Patch:
+    """An open patch file. The header is read (and checked) at once; blocks only on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DstError(f"patch {self.path} does not exist: pass a file written by dstcli train or diff")
+        try:
+            self._f = safe_open(str(self.path), framework="numpy")
+            meta = self._f.metadata() or {}
+            self._keys = set(self._f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DstError(f"{self.path} is not a readable dstcli patch ({e}); it may be truncated or "
+                           "corrupt: make it again with dstcli diff or train") from e
+        if meta.get("format") != FORMAT or METADATA_KEY not in meta:
+            raise DstError(f"{self.path} is a safetensors file but not a dstcli patch: "
+                           "to patch a checkpoint from two checkpoints use `dstcli diff BASE FINETUNED`")
+        try:
+            self.header = json.loads(meta[METADATA_KEY])
+        except ValueError as e:
+            raise DstError(f"{self.path}: patch header is not valid JSON ({e})") from e
+        self._check_header()
+
+    def _bad(self, what: str) -> DstError:
+        return DstError(f"{self.path}: {what}; the patch is corrupt: make it again with dstcli diff or train")
+
+    def _check_header(self) -> None:
+        h = self.header
+        if not isinstance(h, dict) or not isinstance(h.get("tensors"), dict):
+            raise self._bad("patch header has no tensor table")
+        v = h.get("format_version")
+        if not isinstance(v, int) or v > FORMAT_VERSION or v < 1:
+            raise DstError(f"{self.path} has patch format version {v!r}; this dstcli reads versions 1 to "
+                           f"{FORMAT_VERSION}: upgrade dstcli (pip install -U dstcli)")
+        expected = set()
+        for name, e in h["tensors"].items():
+            try:
+                if not isinstance(e, dict) or not all(isinstance(e.get(f), str) and e[f].startswith("sha256:")
+                                                      for f in ("base_fingerprint", "result_fingerprint")):
+                    raise self._bad(f"tensor {name!r} has no valid fingerprints")
+                if not all(isinstance(e.get(f), (int, float, str)) for f in ("delta_l2", "delta_max")):
+                    raise self._bad(f"tensor {name!r} has no delta statistics")
+                if e["dtype"] not in DTYPES:
+                    raise self._bad(f"tensor {name!r} has unsupported dtype {e['dtype']!r}")
+                shape = e["shape"]
+                if not all(isinstance(s, int) and s >= 0 for s in shape):
+                    raise self._bad(f"tensor {name!r} has an invalid shape {shape!r}")
+                n = int(np.prod(shape, dtype=object)) if shape else 1
+                k = e["changed"]
+                if e["numel"] != n or not isinstance(k, int) or not 0 <= k <= n:
+                    raise self._bad(f"tensor {name!r} claims {k!r} changes of {e['numel']!r} entries, shape {shape}")
+                if k:
+                    width = DTYPES[e["dtype"]].itemsize
+                    idx, val = e["index"], e["values"]
+                    if idx["raw_bytes"] != index_raw_size(idx["codec"], idx, n, k):
+                        raise self._bad(f"tensor {name!r}: index block size does not match its codec")
+                    if val.get("codec") != "xor-byteplanes" or val["raw_bytes"] != k * width:
+                        raise self._bad(f"tensor {name!r}: value block does not match {k} entries")
+                    for kind, b in (("index", idx), ("values", val)):
+                        if (b.get("compression") not in ("none", "zstd") or not isinstance(b.get("crc32"), str)
+                                or not all(isinstance(b.get(f), int) and b[f] >= 0 for f in ("raw_bytes", "stored_bytes"))):
+                            raise self._bad(f"tensor {name!r}: {kind} block description is invalid")
+                        if b["stored_bytes"]:
+                            expected.add(f"{name}::{kind}")
+            except (KeyError, TypeError) as ex:
+                raise self._bad(f"tensor {name!r} has an incomplete header entry ({ex!r})") from ex
+            except DstError as ex:
+                if str(ex).startswith(str(self.path)):
+                    raise
+                raise self._bad(f"tensor {name!r}: {ex}") from ex
+        if expected != self._keys:
+            raise self._bad("the blocks in the file do not match the header")
+
+    @property
+    def tensors(self) -> dict[str, dict]:
+        return self.header["tensors"]
+
+    def _read_block(self, name: str, kind: str) -> bytes:
+        b = self.tensors[name][kind]
+        if b["stored_bytes"] == 0:
+            stored = b""
+        else:
+            try:
+                stored = self._f.get_tensor(f"{name}::{kind}").tobytes()
+            except (SafetensorError, OSError) as e:
+                raise self._bad(f"cannot read the {kind} block of {name!r} ({e})") from e
+        if len(stored) != b["stored_bytes"] or f"{zlib.crc32(stored):08x}" != b["crc32"]:
+            raise self._bad(f"checksum mismatch in the {kind} block of tensor {name!r}")
+        return decompress(b["compression"], stored, b["raw_bytes"])
+
+    def read_change(self, name: str) -> tuple[np.ndarray, torch.Tensor]:
+        """(positions int64 (k,), XOR bit patterns (k,)) for one tensor; empty when unchanged."""
+        e = self.tensors[name]
+        k, n, width = e["changed"], e["numel"], DTYPES[e["dtype"]].itemsize
+        if k == 0:
+            return np.empty(0, dtype=np.int64), torch.empty(0, dtype=INT_VIEW[width])
+        try:
+            idx = decode_index(e["index"]["codec"], e["index"], self._read_block(name, "index"), n, k)
+            xor = decode_values(self._read_block(name, "values"), k, width)
+        except DstError as ex:
+            if str(ex).startswith(str(self.path)):
+                raise
+            raise self._bad(f"tensor {name!r}: {ex}") from ex
+        return idx, xor
+
+
+def open_patch(path: str | os.PathLike) -> Patch:
+    return Patch(path)
+
+
+def apply_change(t: torch.Tensor, idx: np.ndarray, xor: torch.Tensor) -> torch.Tensor:
+    """A new tensor with the XOR applied at idx (XOR is its own inverse: this also reverts)."""
+    out = t.detach().clone().contiguous()
+    bits = bits_view(out)
+    if len(idx):
+        ti = torch.from_numpy(idx)
+        bits[ti] = torch.bitwise_xor(bits[ti], xor)
+    return out

@@ -1,0 +1,285 @@
+"""The `dstcli train` recipe: fine-tune a checkpoint with DST and write the result as a patch.
+
+`TrainOptions` holds the recipe's settings; `train()` turns them into plain arguments for the
+model, the data and the DST engine, runs the loop and returns a `TrainResult`. Progress is
+reported through a callback so that this module never touches the terminal.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+from dstcli.checkpoint import Checkpoint, check_output
+from dstcli.data import Example, collate, read_jsonl
+from dstcli.engine import DST
+from dstcli.errors import DstError
+from dstcli.model import GPT, decode, encode, load_config
+from dstcli.patchfile import Change, save_patch
+from dstcli.select import DISTANCES
+from dstcli.silos import SILOS, check_budget, select_names
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAMPLE = "tiny-gpt"
+
+
+def samples_dir() -> Path:
+    """Where the bundled samples live: inside the installed package, or samples/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "samples", here.parent / "samples"):
+        if (cand / SAMPLE / "model.safetensors").is_file():
+            return cand
+    raise DstError("the bundled sample model is missing from this installation: reinstall dstcli")
+
+
+@dataclass
+class TrainOptions:
+    base: str | None = None  # checkpoint dir, or the name of a bundled sample (default tiny-gpt)
+    data: str | None = None  # JSONL; default: the bundled pytype task's train split
+    output: str = "dstcli-patch.dst"
+    epsilon: float | None = None
+    params: int | None = None
+    silo: str = "tensor"
+    distance: str = "absolute"
+    reselect_every: int | None = 1  # None: select once (static sparse tuning)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    optimizer: str = "adamw"
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 128
+    warmup: int = 20
+    clip: float = 1.0
+    eval: str | None = None  # JSONL; default with the bundled task: its validation split
+    eval_every: int = 0  # 0: only before and after training
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    metrics: str | None = None
+    overwrite: bool = False
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    patch_bytes: int
+    steps: int
+    seconds: float
+    base_metrics: dict[str, float]
+    final_metrics: dict[str, float]
+    budget: int
+    changed: int
+    trainable: int
+    per_tensor: list[tuple[str, int, int]]  # (name, changed, budget)
+
+
+def _validate(o: TrainOptions) -> None:
+    if o.epsilon is None and o.params is None:
+        o.epsilon = 1e-3
+    check_budget(o.epsilon, o.params)
+    for value, allowed, flag in ((o.silo, SILOS, "--silo"), (o.distance, DISTANCES, "--distance"),
+                                 (o.optimizer, OPTIMIZERS, "--optimizer"), (o.device, DEVICES, "--device"),
+                                 (o.dtype, tuple(DTYPES), "--dtype")):
+        if value not in allowed:
+            raise DstError(f"unknown {flag} {value!r}: choose one of {', '.join(allowed)}")
+    for value, flag in ((o.batch_size, "--batch-size"), (o.grad_accum, "--grad-accum"), (o.seq_len, "--seq-len")):
+        if value < 1:
+            raise DstError(f"{flag} must be at least 1, got {value}")
+    if o.steps is not None and o.epochs is not None:
+        raise DstError("give --steps or --epochs, not both")
+    if (o.steps is not None and o.steps < 1) or (o.epochs is not None and o.epochs <= 0):
+        raise DstError("--steps/--epochs must be positive")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise DstError(f"--lr {o.lr} must be a positive number")
+
+
+def _resolve_base(base: str | None) -> Path:
+    if base is None or base == SAMPLE:
+        return samples_dir() / SAMPLE
+    path = Path(base)
+    if not path.exists():
+        raise DstError(f"base {base} does not exist: pass a checkpoint directory (config.json + "
+                       f"model.safetensors) or {SAMPLE!r} for the bundled sample")
+    if not path.is_dir():
+        raise DstError(f"base {base} is a file: `dstcli train` needs a model directory with config.json")
+    return path
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DstError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    return torch.device(name)
+
+
+def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, wd: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    return torch.optim.Adafactor(params, lr=lr, weight_decay=wd)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, examples: list[Example], device: torch.device, amp: torch.dtype | None,
+             batch_size: int = 64) -> dict[str, float]:
+    """Mean loss per target token, and exact-match accuracy of greedy answers on prompt rows."""
+    was = model.training
+    model.eval()
+    tot, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        x, y = collate(examples[s:s + batch_size], device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(x)
+        tot += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((y != -100).sum())
+    metrics = {"loss": tot / max(count, 1)}
+    qa = [e for e in examples if e.prompt is not None]
+    if qa:
+        by_len: dict[int, list[Example]] = defaultdict(list)  # same-length prompts decode as one batch
+        for e in qa:
+            by_len[len(encode(e.prompt))].append(e)
+        correct = 0
+        for group in by_len.values():
+            for s in range(0, len(group), batch_size):
+                chunk = group[s:s + batch_size]
+                ids = torch.tensor([encode(e.prompt) for e in chunk], device=device)
+                ids = ids[:, -model.config.block_size + 1:]
+                n_new = max(len(encode(e.completion)) for e in chunk)
+                for _ in range(n_new):
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        nxt = model(ids[:, -model.config.block_size:])[:, -1].argmax(-1, keepdim=True)
+                    ids = torch.cat([ids, nxt], dim=1)
+                for e, row in zip(chunk, ids[:, ids.shape[1] - n_new:].tolist()):
+                    want = encode(e.completion)
+                    correct += row[:len(want)] == want
+        metrics["accuracy"] = correct / len(qa)
+    model.train(was)
+    return metrics
+
+
+def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run DST fine-tuning as configured and write the patch to o.output (atomically)."""
+    _validate(o)
+    base_dir = _resolve_base(o.base)
+    default_task = o.data is None
+    data_path = Path(o.data) if o.data else samples_dir() / "pytype" / "train.jsonl"
+    eval_path = Path(o.eval) if o.eval else (samples_dir() / "pytype" / "valid.jsonl" if default_task else None)
+    out = Path(o.output)
+    check_output(out, o.overwrite, [base_dir, data_path])
+    device = _device(o.device)
+    amp = DTYPES[o.dtype] if o.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
+    if amp == torch.float32:
+        amp = None
+
+    cfg = load_config(base_dir)
+    ckpt = Checkpoint(base_dir)
+    model = GPT(cfg)
+    state = {name: ckpt.read(name) for name in ckpt.tensors}
+    missing = set(model.state_dict()) ^ set(state)
+    if missing:
+        raise DstError(f"{base_dir} does not match its config.json: tensors {sorted(missing)[:5]} differ")
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+    o.seq_len = min(o.seq_len, cfg.block_size - 1)
+    train_rows = read_jsonl(data_path, o.seq_len)
+    eval_rows = read_jsonl(eval_path, o.seq_len) if eval_path else None
+
+    torch.manual_seed(o.seed)
+    gen = torch.Generator().manual_seed(o.seed)
+    names = select_names([n for n, _ in model.named_parameters()], o.include, o.exclude)
+    named = dict(model.named_parameters())
+    for n, p in named.items():
+        p.requires_grad_(n in names)
+    trainable = [named[n] for n in names]
+    dst = DST([(n, named[n]) for n in names], epsilon=o.epsilon, params=o.params, silo=o.silo,
+              distance=o.distance, reselect_every=o.reselect_every)
+    opt = _optimizer(o.optimizer, trainable, o.lr, o.weight_decay)
+
+    per_step = o.batch_size * o.grad_accum
+    steps = o.steps or max(1, math.ceil((o.epochs or 1.0) * len(train_rows) / per_step))
+    if o.steps is None and o.epochs is None:
+        steps = 300
+    base_metrics = evaluate(model, eval_rows, device, amp) if eval_rows else {}
+    metrics_file = open(o.metrics, "w") if o.metrics else None
+    order: list[int] = []
+    t0 = time.time()
+    last = base_metrics
+    try:
+        for step in range(1, steps + 1):
+            lr = o.lr * min(1.0, step / max(1, o.warmup)) * (0.5 * (1 + math.cos(math.pi * (step - 1) / steps)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            tokens, loss_sum = 0, 0.0
+            for _ in range(o.grad_accum):
+                if len(order) < o.batch_size:
+                    order += torch.randperm(len(train_rows), generator=gen).tolist()
+                batch = [train_rows[i] for i in order[:o.batch_size]]
+                del order[:o.batch_size]
+                x, y = collate(batch, device)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+                if not torch.isfinite(loss):
+                    raise DstError(f"loss became {loss.item()} at step {step}: lower --lr (now {o.lr}) "
+                                   "or use --dtype float32")
+                (loss / o.grad_accum).backward()
+                loss_sum += loss.item() / o.grad_accum
+                tokens += x.numel()
+            if o.clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, o.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stats = dst.project()
+            record = {"step": step, "steps": steps, "loss": loss_sum, "lr": lr, "nonseed": stats.nonseed,
+                      "entered": stats.entered, "left": stats.left,
+                      "tokens_per_s": tokens * step / max(time.time() - t0, 1e-9)}
+            if eval_rows and ((o.eval_every and step % o.eval_every == 0) or step == steps):
+                last = evaluate(model, eval_rows, device, amp)
+                record.update({f"eval_{k}": v for k, v in last.items()})
+            if metrics_file:
+                metrics_file.write(__import__("json").dumps(record) + "\n")
+                metrics_file.flush()
+            if on_step:
+                on_step(record)
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    seconds = time.time() - t0
+
+    changes = dst.changes()
+    for name in ckpt.tensors:  # tensors not trained are listed as unchanged
+        if name not in names and ckpt.tensors[name].patchable:
+            t = ckpt.read(name)
+            changes.append(Change.between(name, t, t))
+    run = {"command": "train", "config": {k: v for k, v in asdict(o).items() if k != "overwrite"},
+           "base": str(base_dir), "data": str(data_path), "eval": str(eval_path) if eval_path else None,
+           "steps": steps, "seconds": round(seconds, 2), "base_metrics": base_metrics, "metrics": last,
+           "torch": torch.__version__, "python": sys.version.split()[0]}
+    budget = {"epsilon": o.epsilon, "params": o.params, "silo": o.silo, "distance": o.distance,
+              "total": dst.budget, "trainable_params": sum(p.numel() for p in trainable),
+              "reselect_every": o.reselect_every}
+    header = save_patch(out, changes, run=run, budget=budget, base_params=ckpt.numel)
+    per_tensor = sorted(((n, e["changed"], e.get("silo", {}).get("budget", 0)) for n, e in header["tensors"].items()),
+                        key=lambda r: -r[1])
+    return TrainResult(out, out.stat().st_size, steps, seconds, base_metrics, last, dst.budget,
+                       header["changed"], budget["trainable_params"], per_tensor)

@@ -1,0 +1,64 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dstcli.codec import compress, decode_index, decode_values, decompress, encode_index, encode_values
+from dstcli.errors import DstError
+
+
+def log2_binom(n: int, k: int) -> float:
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+@st.composite
+def positions(draw):
+    n = draw(st.integers(1, 5000))
+    k = draw(st.integers(0, n))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return n, np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+
+
+@given(positions())
+@settings(max_examples=200, deadline=None)
+def test_index_round_trip(case):
+    n, idx = case
+    codec, params, raw = encode_index(idx, n)
+    method, stored = compress(raw)
+    back = decode_index(codec, params, decompress(method, stored, len(raw)), n, len(idx))
+    assert np.array_equal(back, idx)
+
+
+@pytest.mark.parametrize("ratio", [1e-6, 1e-4, 1e-2, 1e-1, 0.5])
+def test_index_bits_within_bound_on_random_positions(ratio):
+    n = 4_000_000 if ratio < 1e-5 else 400_000
+    k = max(1, round(ratio * n))
+    idx = np.sort(np.random.default_rng(0).choice(n, size=k, replace=False)).astype(np.int64)
+    codec, params, raw = encode_index(idx, n)
+    _, stored = compress(raw)
+    assert len(stored) * 8 <= 1.25 * log2_binom(n, k) + 64
+
+
+@given(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]), st.integers(0, 300))
+@settings(max_examples=50, deadline=None)
+def test_values_round_trip(dtype, k):
+    from dstcli.codec import INT_VIEW
+    xor = torch.randint(1, 120, (k,), dtype=torch.int64).to(INT_VIEW[dtype.itemsize])
+    raw = encode_values(xor)
+    assert torch.equal(decode_values(raw, k, dtype.itemsize), xor)
+
+
+def test_decoders_refuse_lies():
+    idx = np.array([3, 7, 9], dtype=np.int64)
+    codec, params, raw = encode_index(idx, 100)
+    with pytest.raises(DstError):
+        decode_index(codec, params, raw, 100, 4)  # wrong count
+    with pytest.raises(DstError):
+        decode_index(codec, params, raw[:-1], 100, 3)  # wrong size
+    with pytest.raises(DstError):
+        decode_values(b"\x00\x00", 1, 2)  # a zero XOR changes nothing
+    method, stored = compress(b"\x00" * 10_000)
+    with pytest.raises(DstError, match="declares"):
+        decompress(method, stored, 100)  # a frame bigger than declared: no bomb

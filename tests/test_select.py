@@ -1,0 +1,62 @@
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dstcli.select import GlobalTopK, distance, topk_mask
+from dstcli.silos import allocate, budget_total
+from reference import ref_distance, ref_keep
+
+
+@st.composite
+def silos(draw):
+    R = draw(st.integers(1, 6))
+    m = draw(st.integers(1, 40))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+    d = torch.randint(0, 4, (R, m), generator=g).float()  # small integers: many ties and zeros
+    k = torch.randint(0, m + 2, (R,), generator=g)
+    return d, k
+
+
+@given(silos())
+@settings(max_examples=300, deadline=None)
+def test_topk_mask_matches_sort_reference(case):
+    d, k = case
+    got = topk_mask(d, k)
+    for r in range(d.shape[0]):
+        assert torch.equal(got[r], ref_keep(d[r], int(k[r])))
+
+
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=5), st.integers(0, 80), st.integers(0, 1000))
+@settings(max_examples=200, deadline=None)
+def test_global_topk_matches_one_big_sort(sizes, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    ds = [torch.randint(0, 3, (n,), generator=g).float() for n in sizes]
+    top = GlobalTopK(k)
+    offsets = []
+    for d in ds:
+        offsets.append(top.offset)
+        top.add(d)
+    thr = top.threshold()
+    got = torch.cat([top.mask(d, o, thr) for d, o in zip(ds, offsets)])
+    assert torch.equal(got, ref_keep(torch.cat(ds), k))
+
+
+def test_distances_match_formulas_and_leave_inputs_alone():
+    x0 = torch.tensor([0.0, 1.0, -2.0, 4.0])
+    x = torch.tensor([1.0, 1.5, -2.0, float("nan")])
+    keep = x0.clone()
+    for kind in ("absolute", "relative", "inverse-relative"):
+        assert torch.equal(distance(x, x0, kind), ref_distance(x, x0, kind))
+    assert torch.equal(x0, keep)
+    assert distance(x, x0, "relative")[1] == 0.5 / (1 + 1e-8)
+
+
+def test_budgets_epsilon_exact_decimal_and_params_total():
+    shapes = {"a": (100, 10), "b": (7,), "c": (3, 3)}
+    alloc = allocate(shapes, "tensor", epsilon=0.29)
+    assert int(alloc["a"][0]) == 290  # not 289 from 0.29 * 1000 in floating point
+    for strategy in ("tensor", "row"):
+        for n in (1, 5, 17, 500, 1016, 10_000):
+            a = allocate(shapes, strategy, params=n)
+            assert budget_total(a) == min(n, 1016)
+    assert allocate(shapes, "global", params=50) == 50
+    assert allocate(shapes, "row", epsilon=0.1)["a"].tolist() == [1] * 100
