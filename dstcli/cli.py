@@ -162,7 +162,9 @@ def inspect(
         out.print("metrics " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
     table = Table(box=None, header_style="bold")
     for col in ("name" if by == "tensor" else "layer", "changed", "budget", "numel", "fraction", "delta L2", "max |delta|"):
-        table.add_column(col, justify="left" if col in ("name", "layer") else "right")
+        first = col in ("name", "layer")  # names stay whole: they are what users copy into --include
+        table.add_column(col, justify="left" if first else "right", no_wrap=first,
+                         min_width=max((len(r["name"]) for r in info["rows"]), default=4) if first else None)
     for r in info["rows"]:
         table.add_row(r["name"], _fmt(r["changed"]), "-" if r["budget"] is None else _fmt(r["budget"]),
                       _fmt(r["numel"]), f"{r['fraction']:.2e}", _fmt(r["delta_l2"]), _fmt(r["delta_max"]))
@@ -222,12 +224,10 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
     """Fine-tune BASE on DATA with Dynamic Subset Tuning; write the result as a sparse patch."""
-    from click.core import ParameterSource
-
     from dstcli.train import TrainOptions, train as run_train
 
     given = {k: v for k, v in ctx.params.items()
-             if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+             if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}  # typed by the user
     values = dict(ctx.params)
     if config is not None:
         conf = _load_config_file(config)
@@ -254,15 +254,23 @@ def train(
 
     cols = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
-    with Progress(*cols, console=err, transient=True, disable=json_out and not err.is_terminal) as bar:
-        task = bar.add_task("train", total=None, info="evaluating base model")
+    bar = Progress(*cols, console=err, transient=True, disable=json_out and not err.is_terminal)
+    task = None
 
-        def on_step(r: dict) -> None:
-            info = (f"loss {r['loss']:.3f} lr {r['lr']:.1e} changed {r['nonseed']:,} "
-                    f"churn +{r['entered']}/-{r['left']} {r['tokens_per_s']:,.0f} tok/s")
-            bar.update(task, total=r["steps"], completed=r["step"], info=info)
+    def on_step(r: dict) -> None:  # the bar starts with the first step, so early errors print alone
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("train", total=r["steps"], info="")
+        info = (f"loss {r['loss']:.3f} lr {r['lr']:.1e} changed {r['nonseed']:,} "
+                f"churn +{r['entered']}/-{r['left']} {r['tokens_per_s']:,.0f} tok/s")
+        bar.update(task, completed=r["step"], info=info)
 
+    try:
         result = run_train(opts, on_step=on_step)
+    finally:
+        if task is not None:
+            bar.stop()
 
     summary = {"output": str(result.output), "patch_bytes": result.patch_bytes, "steps": result.steps,
                "seconds": round(result.seconds, 1), "budget": result.budget, "changed": result.changed,
@@ -279,7 +287,7 @@ def train(
     out.print(table)
     silos = Table(title="changed entries, top tensors", box=None, header_style="bold")
     for col in ("tensor", "changed", "budget"):
-        silos.add_column(col, justify="left" if col == "tensor" else "right")
+        silos.add_column(col, justify="left" if col == "tensor" else "right", overflow="fold")
     for name, changed, budget in result.per_tensor[:8]:
         silos.add_row(name, f"{changed:,}", f"{budget:,}" if budget else "-")
     out.print(silos)

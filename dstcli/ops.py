@@ -15,8 +15,8 @@ from dstcli.checkpoint import Checkpoint, atomic_path, check_output, dtype_name
 from dstcli.codec import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change, Patch, apply_change, fingerprint, save_patch
-from dstcli.select import GlobalTopK, distance, topk_mask
-from dstcli.silos import allocate, budget_total, select_names, silo_rows
+from dstcli.select import DISTANCES, GlobalTopK, distance, topk_mask
+from dstcli.silos import SILOS, allocate, budget_total, select_names, silo_rows
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes done) after each tensor
 
@@ -47,6 +47,10 @@ def diff(base_path: str | Path, finetuned_path: str | Path, out: str | Path, *, 
     With `epsilon` or `params`, each silo keeps only its top-k entries by `dist` (docs/DST.md).
     Returns the patch header. Raises DstError on mismatched checkpoints or bad options.
     """
+    if silo not in SILOS:
+        raise DstError(f"unknown silo strategy {silo!r}: choose one of {', '.join(SILOS)}")
+    if dist not in DISTANCES:
+        raise DstError(f"unknown distance {dist!r}: choose one of {', '.join(DISTANCES)}")
     out = Path(out)
     base, ft = Checkpoint(base_path), Checkpoint(finetuned_path)
     check_output(out, overwrite, [base.path, ft.path])

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from dstcli.codec import bits_view
+from dstcli.engine import DST
+from dstcli.errors import DstError
+from reference import ref_distance, ref_project
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Parameter(torch.randn(12, 10, generator=g).to(dtype))
+        self.b = torch.nn.Parameter(torch.randn(10, generator=g).to(dtype))
+        self.c = torch.nn.Parameter(torch.randn(6, 5, 2, generator=g).to(dtype))
+
+    def loss(self, x):
+        h = torch.tanh(x @ self.a.float().T)  # (B, 12)
+        return ((h[:, :10] * self.b.float()).sum(1) ** 2).mean() + self.c.float().pow(2).sum() * 0.1
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 10, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("silo", ["tensor", "row", "global"])
+@pytest.mark.parametrize("dist", ["absolute", "relative", "inverse-relative"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reselect", [1, 3, None])
+def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect):
+    eps = 0.1
+    model = Tiny(dtype)
+    names = ["a", "b", "c"]
+    seeds = [getattr(model, n).detach().clone() for n in names]
+    dst = DST([(n, getattr(model, n)) for n in names], epsilon=eps, silo=silo, distance=dist, reselect_every=reselect)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    ref_state = [s.clone() for s in seeds]
+    ref_mask = None
+    for step, x in enumerate(batches(7), 1):
+        opt.zero_grad()
+        model.loss(x).backward()
+        opt.step()
+        cand = [getattr(model, n).detach().clone() for n in names]
+        stats = dst.project()
+        due = step == 1 if reselect is None else (step - 1) % reselect == 0
+        want, mask = ref_project(cand, seeds, epsilon=eps, silo=silo, distance=dist, mask=None if due else ref_mask)
+        ref_mask = mask
+        for n, w, s, m in zip(names, want, seeds, mask):
+            p = getattr(model, n).detach()
+            assert torch.equal(bits_view(p), bits_view(w)), (n, step)
+            # every reset entry equals the seed bit for bit
+            assert torch.equal(bits_view(p)[~m.reshape(-1)], bits_view(s)[~m.reshape(-1)])
+        assert stats.nonseed == sum(int((bits_view(getattr(model, n).detach()) != bits_view(s)).sum())
+                                    for n, s in zip(names, seeds))
+        assert stats.nonseed <= dst.budget
+
+
+def test_kept_entries_are_the_top_by_distance_per_silo():
+    model = Tiny()
+    seeds = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dst = DST(model.named_parameters(), epsilon=0.05, silo="tensor")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x in batches(5):
+        opt.zero_grad()
+        model.loss(x).backward()
+        opt.step()
+        cand = {n: p.detach().clone() for n, p in model.named_parameters()}
+        dst.project()
+        for n, p in model.named_parameters():
+            k = int(0.05 * p.numel())
+            changed = (p.detach() != seeds[n]).reshape(-1)
+            assert int(changed.sum()) <= k
+            d = ref_distance(cand[n], seeds[n], "absolute").reshape(-1)
+            if changed.any() and (~changed).any():
+                assert d[changed].min() >= d[~changed].max()
+
+
+def test_reselect_every_r_holds_the_mask_fixed():
+    model = Tiny()
+    dst = DST(model.named_parameters(), epsilon=0.1, reselect_every=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    masks = []
+    for x in batches(8):
+        opt.zero_grad()
+        model.loss(x).backward()
+        opt.step()
+        s = dst.project()
+        masks.append({n: m.clone() for n, m in dst.masks.items()})
+        if not s.reselected:
+            assert s.entered == 0 and s.left == 0
+    for i in (1, 2, 3, 5, 6, 7):
+        assert all(torch.equal(masks[i][n], masks[i - 1][n]) for n in masks[i]) == (i % 4 != 0)
+
+
+def test_epsilon_one_is_plain_fine_tuning():
+    torch.manual_seed(0)
+    m1, m2 = Tiny(), Tiny()
+    dst = DST(m1.named_parameters(), epsilon=1.0)
+    o1 = torch.optim.AdamW(m1.parameters(), lr=0.05)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=0.05)
+    for x in batches(6):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            m.loss(x).backward()
+            o.step()
+        dst.project()
+        for p1, p2 in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(p1, p2)
+
+
+def test_budget_that_rounds_to_zero_is_an_error():
+    with pytest.raises(DstError, match="rounds to zero"):
+        DST(Tiny().named_parameters(), epsilon=1e-4)
+    with pytest.raises(DstError, match="out of range"):
+        DST(Tiny().named_parameters(), epsilon=2.0)

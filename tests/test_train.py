@@ -1,0 +1,118 @@
+"""`dstcli train` end to end on the bundled sample (few steps), and its guards."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dstcli import ops
+from dstcli.checkpoint import Checkpoint
+from dstcli.cli import app
+from dstcli.data import read_jsonl
+from dstcli.errors import DstError
+from dstcli.model import GPT, load_config
+from dstcli.patchfile import Patch
+from dstcli.train import TrainOptions, evaluate, samples_dir, train
+
+SMALL = dict(steps=25, batch_size=8, lr=1e-2, epsilon=1e-2, warmup=5)
+
+
+def load_model(directory):
+    model = GPT(load_config(directory))
+    ck = Checkpoint(directory if (directory / "model.safetensors").exists() else directory)
+    model.load_state_dict({n: ck.read(n) for n in ck.tensors})
+    return model
+
+
+@pytest.mark.slow
+def test_train_improves_and_applied_patch_reproduces_the_model(tmp_path):
+    out = tmp_path / "p.dst"
+    res = train(TrainOptions(output=str(out), metrics=str(tmp_path / "m.jsonl"), **SMALL))
+    assert res.final_metrics["loss"] < res.base_metrics["loss"]
+    assert 0 < res.changed <= res.budget
+    lines = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
+    assert len(lines) == 25 and {"loss", "lr", "nonseed", "entered", "left", "tokens_per_s"} <= set(lines[0])
+    header = Patch(out).header
+    assert header["run"]["config"]["epsilon"] == 1e-2 and header["run"]["metrics"] == res.final_metrics
+    # apply the patch with the CLI machinery: the model it gives has exactly the trained loss
+    sample = samples_dir() / "tiny-gpt"
+    applied = tmp_path / "tuned"
+    ops.apply(sample, [out], applied)
+    rows = read_jsonl(samples_dir() / "pytype" / "valid.jsonl", 128)
+    got = evaluate(load_model(applied), rows, torch.device("cpu"), None)
+    assert got == res.final_metrics
+    for e in header["tensors"].values():
+        assert e["changed"] <= e["silo"]["budget"]
+
+
+@pytest.mark.slow
+def test_same_seed_same_patch_bytes(tmp_path):
+    for name in ("a", "b"):
+        train(TrainOptions(output=str(tmp_path / f"{name}.dst"), silo="row", reselect_every=None,
+                           **{**SMALL, "steps": 6}))
+    a, b = Patch(tmp_path / "a.dst").header, Patch(tmp_path / "b.dst").header
+    a["run"].pop("seconds"), b["run"].pop("seconds")
+    a["run"].pop("config"), b["run"].pop("config")
+    assert a == b
+    pa, pb = Patch(tmp_path / "a.dst"), Patch(tmp_path / "b.dst")
+    for name in a["tensors"]:
+        ia, xa = pa.read_change(name)
+        ib, xb = pb.read_change(name)
+        assert (ia == ib).all() and torch.equal(xa, xb)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
+    with pytest.raises(DstError, match=r"bad.jsonl:2: expected an object"):
+        train(TrainOptions(data=str(bad), output=str(tmp_path / "p.dst"), steps=1))
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DstError, match=r"bad.jsonl:2: not valid JSON"):
+        train(TrainOptions(data=str(bad), output=str(tmp_path / "p.dst"), steps=1))
+    bad.write_text("\n")
+    with pytest.raises(DstError, match="has no examples"):
+        train(TrainOptions(data=str(bad), output=str(tmp_path / "p.dst"), steps=1))
+    with pytest.raises(DstError, match="out of range"):
+        train(TrainOptions(epsilon=3.0, output=str(tmp_path / "p.dst"), steps=1))
+    with pytest.raises(DstError, match="rounds to zero"):
+        train(TrainOptions(epsilon=1e-7, silo="row", output=str(tmp_path / "p.dst"), steps=1))
+    with pytest.raises(DstError, match="unknown --optimizer 'adam'"):
+        train(TrainOptions(optimizer="adam", output=str(tmp_path / "p.dst"), steps=1))
+    with pytest.raises(DstError, match="does not exist"):
+        train(TrainOptions(data=str(tmp_path / "nope.jsonl"), output=str(tmp_path / "p.dst"), steps=1))
+    assert not (tmp_path / "p.dst").exists()
+
+
+def test_nan_loss_stops_with_an_error_and_no_patch(tmp_path):
+    with pytest.raises(DstError, match="loss became"):
+        train(TrainOptions(lr=1e30, clip=0, output=str(tmp_path / "p.dst"), steps=30, batch_size=4, epsilon=0.5))
+    assert not (tmp_path / "p.dst").exists()
+
+
+def test_config_file_and_unknown_keys(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('steps = 2\nbatch-size = 4\nepsilon = 0.01\nbogus = 1\n')
+    r = CliRunner().invoke(app, ["train", "--config", str(conf), "-o", str(tmp_path / "p.dst")])
+    assert isinstance(r.exception, DstError) and "unknown key(s) bogus" in str(r.exception)
+    conf.write_text('steps = 2\nbatch-size = 4\nepsilon = 0.01\n')
+    r = CliRunner().invoke(app, ["train", "--config", str(conf), "-o", str(tmp_path / "p.dst"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 2 and Patch(tmp_path / "p.dst").header["run"]["config"]["batch_size"] == 4
+
+
+@pytest.mark.slow
+def test_cli_main_command_as_a_user_runs_it(tmp_path):
+    """`dstcli train` in a subprocess, as the README runs it (shortened with --steps)."""
+    env = {**os.environ, "COLUMNS": "120"}
+    r = subprocess.run([sys.executable, "-m", "dstcli", "train", "--steps", "10", "-o", "p.dst"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "DST-tuned" in r.stdout and "wrote p.dst" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "dstcli", "train", "--steps", "10", "-o", "p.dst"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and r.stderr.startswith("Error: output p.dst already exists")
