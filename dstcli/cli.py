@@ -206,7 +206,7 @@ def train(
     optimizer: str = typer.Option("adamw", help="adamw (default), adafactor (less optimizer memory) or sgd (momentum 0.9)."),
     lr: float = typer.Option(1e-2, help="Peak learning rate; DST wants ~10x full fine-tuning's, as resets regularise."),
     weight_decay: float = typer.Option(0.0, help="Decoupled weight decay; pulls kept entries towards 0, not the seed."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 300 unless --epochs is given)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 600 unless --epochs is given); more adapts further, costs time."),
     epochs: Optional[float] = typer.Option(None, help="Passes over DATA instead of --steps."),
     batch_size: int = typer.Option(16, help="Examples per micro-batch; larger is smoother but slower per step."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step: a larger batch at the same memory."),

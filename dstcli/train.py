@@ -7,6 +7,7 @@ reported through a callback so that this module never touches the terminal.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -22,7 +23,7 @@ from dstcli.checkpoint import Checkpoint, check_output
 from dstcli.data import Example, collate, read_jsonl
 from dstcli.engine import DST
 from dstcli.errors import DstError
-from dstcli.model import GPT, decode, encode, load_config
+from dstcli.model import GPT, encode, load_config
 from dstcli.patchfile import Change, save_patch
 from dstcli.select import DISTANCES
 from dstcli.silos import SILOS, check_budget, select_names
@@ -218,7 +219,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     per_step = o.batch_size * o.grad_accum
     steps = o.steps or max(1, math.ceil((o.epochs or 1.0) * len(train_rows) / per_step))
     if o.steps is None and o.epochs is None:
-        steps = 300
+        steps = 600
     base_metrics = evaluate(model, eval_rows, device, amp) if eval_rows else {}
     metrics_file = open(o.metrics, "w") if o.metrics else None
     order: list[int] = []
@@ -257,7 +258,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
                 last = evaluate(model, eval_rows, device, amp)
                 record.update({f"eval_{k}": v for k, v in last.items()})
             if metrics_file:
-                metrics_file.write(__import__("json").dumps(record) + "\n")
+                metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             if on_step:
                 on_step(record)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from dstcli.model import GPT, GPTConfig, encode, save_model
+from dstcli.model import GPT, GPTConfig, save_model
 
 HERE = Path(__file__).resolve().parent
 

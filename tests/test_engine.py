@@ -36,7 +36,6 @@ def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect):
     seeds = [getattr(model, n).detach().clone() for n in names]
     dst = DST([(n, getattr(model, n)) for n in names], epsilon=eps, silo=silo, distance=dist, reselect_every=reselect)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    ref_state = [s.clone() for s in seeds]
     ref_mask = None
     for step, x in enumerate(batches(7), 1):
         opt.zero_grad()

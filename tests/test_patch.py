@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_pair
 from dstcli import ops
-from dstcli.checkpoint import Checkpoint
+from dstcli.codec import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Patch
 from reference import ref_distance, ref_keep
@@ -31,7 +31,7 @@ def test_lossless_round_trip_is_bit_exact(tmp_path_factory, dtype, shape, frac, 
     save_file({"w": a, "v": a.flatten()[:3].clone()}, str(tmp / "a.safetensors"))
     save_file({"w": b, "v": a.flatten()[:3].clone()}, str(tmp / "b.safetensors"))
     header = ops.diff(tmp / "a.safetensors", tmp / "b.safetensors", tmp / "p.dst")
-    assert header["changed"] == int((a.view(torch.uint8 if False else a.dtype) != b).sum()) or True
+    assert header["changed"] == int((bits_view(a) != bits_view(b)).sum())
     ops.apply(tmp / "a.safetensors", [tmp / "p.dst"], tmp / "out.safetensors")
     assert files_equal(tmp / "out.safetensors", tmp / "b.safetensors")
     ops.apply(tmp / "out.safetensors", [tmp / "p.dst"], tmp / "back.safetensors", revert=True)
@@ -162,3 +162,20 @@ def test_inspect_reads_the_header(tmp_path, pair):
     assert info["changed"] == sum(r["changed"] for r in info["rows"])
     assert info["effective_epsilon"] == info["changed"] / info["base_params"]
     json.dumps(info)
+
+
+def test_fp8_and_fp64_round_trip_and_int_tensors_untouched(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    a = {"f8": torch.randn(64, generator=g).to(torch.float8_e4m3fn), "f64": torch.randn(9, 9, generator=g).double(),
+         "ids": torch.arange(5)}
+    b = {"f8": (a["f8"].float() * 1.5).to(torch.float8_e4m3fn), "f64": a["f64"] + 1e-12, "ids": torch.arange(5)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    h = ops.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "p.dst")
+    assert "ids" not in h["tensors"] and h["tensors"]["f8"]["changed"] > 0
+    ops.apply(tmp_path / "a.safetensors", [tmp_path / "p.dst"], tmp_path / "o.safetensors")
+    assert files_equal(tmp_path / "o.safetensors", tmp_path / "b.safetensors")
+    b["ids"] = torch.arange(5) + 1
+    save_file(b, str(tmp_path / "c.safetensors"))
+    with pytest.raises(DstError, match="'ids' \\(int64\\) differs, but only floating-point"):
+        ops.diff(tmp_path / "a.safetensors", tmp_path / "c.safetensors", tmp_path / "q.dst")

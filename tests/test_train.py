@@ -116,3 +116,12 @@ def test_cli_main_command_as_a_user_runs_it(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dstcli", "train", "--steps", "10", "-o", "p.dst"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and r.stderr.startswith("Error: output p.dst already exists")
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "sgd"])
+def test_other_optimizers_and_silos_run(tmp_path, optimizer):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(20)))
+    r = train(TrainOptions(data=str(data), eval=str(data), optimizer=optimizer, silo="global", params=500,
+                           steps=3, batch_size=4, output=str(tmp_path / "p.dst")))
+    assert r.changed <= 500 and r.budget == 500 and "loss" in r.final_metrics
