@@ -10,6 +10,7 @@ of N(0, 0.02) weights (relative change ~1e-2), as a fine-tune makes them.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,6 +70,12 @@ def timing(gb: float) -> None:
                 m = torch.rand(t.shape, generator=g) < 1e-3
                 t.copy_(torch.where(m, t * 1.01 + 1e-3, t))
             save_file(names, str(ft / f"model-{s:05d}.safetensors"))
+        for d in (base, ft):
+            weight_map = {}
+            for f in sorted(d.glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as sf:
+                    weight_map.update({k: f.name for k in sf.keys()})
+            (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         total = sum(f.stat().st_size for f in base.iterdir())
         for _ in range(2):  # warm the page cache
             for f in list(base.iterdir()) + list(ft.iterdir()):
