@@ -113,14 +113,14 @@ def _validate(o: TrainOptions) -> None:
 
 
 def _resolve_base(base: str | None) -> Path:
+    """The checkpoint to train: a model directory, a .safetensors file with config.json beside it,
+    or a bundled sample's name."""
     if base is None or base == SAMPLE:
         return samples_dir() / SAMPLE
     path = Path(base)
     if not path.exists():
         raise DstError(f"base {base} does not exist: pass a checkpoint directory (config.json + "
-                       f"model.safetensors) or {SAMPLE!r} for the bundled sample")
-    if not path.is_dir():
-        raise DstError(f"base {base} is a file: `dstcli train` needs a model directory with config.json")
+                       f"model.safetensors), a .safetensors file with config.json beside it, or {SAMPLE!r}")
     return path
 
 
@@ -192,7 +192,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     if amp == torch.float32:
         amp = None
 
-    cfg = load_config(base_dir)
+    cfg = load_config(base_dir if base_dir.is_dir() else base_dir.parent)
     ckpt = Checkpoint(base_dir)
     model = GPT(cfg)
     state = {name: ckpt.read(name) for name in ckpt.tensors}

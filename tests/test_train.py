@@ -125,3 +125,19 @@ def test_other_optimizers_and_silos_run(tmp_path, optimizer):
     r = train(TrainOptions(data=str(data), eval=str(data), optimizer=optimizer, silo="global", params=500,
                            steps=3, batch_size=4, output=str(tmp_path / "p.dst")))
     assert r.changed <= 500 and r.budget == 500 and "loss" in r.final_metrics
+
+
+def test_base_as_a_file_and_exclude_patterns(tmp_path):
+    import shutil
+    src = samples_dir() / "tiny-gpt"
+    for f in ("model.safetensors", "config.json"):
+        shutil.copy(src / f, tmp_path / f)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "completion": "2\n"}) + "\n")
+    r = train(TrainOptions(base=str(tmp_path / "model.safetensors"), data=str(data), exclude=["wte.*", "wpe.*"],
+                           epsilon=0.01, steps=2, batch_size=1, output=str(tmp_path / "p.dst")))
+    tensors = Patch(tmp_path / "p.dst").header["tensors"]
+    assert tensors["wte.weight"]["changed"] == 0 and "silo" not in tensors["wte.weight"]
+    assert r.trainable == 1_360_320 - 2 * 256 * 160  # wte (256 x 160) and wpe (256 x 160) excluded
+    with pytest.raises(DstError, match="--include pattern 'nothing.*' matches no tensor"):
+        train(TrainOptions(include=["nothing.*"], steps=1, output=str(tmp_path / "q.dst")))
