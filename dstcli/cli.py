@@ -155,8 +155,8 @@ def inspect(
               f"{info['tensors']} tensors")
     b = info["budget"]
     if b:
-        given = f"epsilon {b['epsilon']}" if b.get("epsilon") is not None else f"params {b['params']:,}"
-        out.print(f"budget {given}, silo {b['silo']}, distance {b['distance']}: total {b['total']:,}")
+        given = f"epsilon {b.get('epsilon')}" if b.get("epsilon") is not None else f"params {b.get('params')}"
+        out.print(f"budget {given}, silo {b.get('silo')}, distance {b.get('distance')}: total {b.get('total')}")
     metrics = info["run"].get("metrics")
     if metrics:
         out.print("metrics " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))

@@ -163,13 +163,17 @@ class Patch:
         if not isinstance(v, int) or v > FORMAT_VERSION or v < 1:
             raise DstError(f"{self.path} has patch format version {v!r}; this dstcli reads versions 1 to "
                            f"{FORMAT_VERSION}: upgrade dstcli (pip install -U dstcli)")
+        if not (isinstance(h.get("changed"), int) and isinstance(h.get("base_params"), int)
+                and isinstance(h.get("budget", {}), dict) and isinstance(h.get("run", {}), dict)):
+            raise self._bad("patch header lacks its totals, budget or run metadata")
         expected = set()
         for name, e in h["tensors"].items():
             try:
                 if not isinstance(e, dict) or not all(isinstance(e.get(f), str) and e[f].startswith("sha256:")
                                                       for f in ("base_fingerprint", "result_fingerprint")):
                     raise self._bad(f"tensor {name!r} has no valid fingerprints")
-                if not all(isinstance(e.get(f), (int, float, str)) for f in ("delta_l2", "delta_max")):
+                if not all(isinstance(e.get(f), (int, float)) or e.get(f) in ("inf", "-inf", "nan")
+                           for f in ("delta_l2", "delta_max")):
                     raise self._bad(f"tensor {name!r} has no delta statistics")
                 if e["dtype"] not in DTYPES:
                     raise self._bad(f"tensor {name!r} has unsupported dtype {e['dtype']!r}")
@@ -199,6 +203,8 @@ class Patch:
                 if str(ex).startswith(str(self.path)):
                     raise
                 raise self._bad(f"tensor {name!r}: {ex}") from ex
+        if h["changed"] != sum(e["changed"] for e in h["tensors"].values()):
+            raise self._bad("the header's total of changed entries does not add up")
         if expected != self._keys:
             raise self._bad("the blocks in the file do not match the header")
 

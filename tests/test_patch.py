@@ -179,3 +179,42 @@ def test_fp8_and_fp64_round_trip_and_int_tensors_untouched(tmp_path):
     save_file(b, str(tmp_path / "c.safetensors"))
     with pytest.raises(DstError, match="'ids' \\(int64\\) differs, but only floating-point"):
         ops.diff(tmp_path / "a.safetensors", tmp_path / "c.safetensors", tmp_path / "q.dst")
+
+
+def _rewrite_header(src, dst, mutate):
+    """Write a copy of a patch whose dstcli header was changed by `mutate` (a header that lies)."""
+    import struct
+    data = src.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    st = json.loads(data[8:8 + n])
+    h = json.loads(st["__metadata__"]["dstcli"])
+    mutate(h)
+    st["__metadata__"]["dstcli"] = json.dumps(h)
+    head = json.dumps(st).encode()
+    head += b" " * (-len(head) % 8)
+    dst.write_bytes(struct.pack("<Q", len(head)) + head + data[8 + n:])
+
+
+@pytest.mark.parametrize("lie", [
+    lambda h: h["tensors"]["w"].update(changed=h["tensors"]["w"]["changed"] + 1),
+    lambda h: h["tensors"]["w"].update(shape=[10**12, 10**6], numel=10**18),
+    lambda h: h["tensors"]["w"]["values"].update(raw_bytes=10**12),
+    lambda h: h["tensors"]["w"]["index"].update(raw_bytes=-1),
+    lambda h: h["tensors"]["w"].update(delta_l2="lots"),
+    lambda h: h.update(changed="many"),
+    lambda h: h.update(format_version=99),
+    lambda h: h["tensors"].update(ghost=dict(h["tensors"]["w"])),
+    lambda h: h["tensors"]["w"].update(dtype="int8"),
+])
+def test_headers_that_lie_are_refused(tmp_path, lie):
+    a = torch.randn(30, 30)
+    b = a.clone()
+    b[::4, ::3] += 1
+    save_file({"w": a}, str(tmp_path / "a.safetensors"))
+    save_file({"w": b}, str(tmp_path / "b.safetensors"))
+    ops.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "p.dst")
+    _rewrite_header(tmp_path / "p.dst", tmp_path / "bad.dst", lie)
+    with pytest.raises(DstError):
+        ops.inspect(tmp_path / "bad.dst")
+        ops.apply(tmp_path / "a.safetensors", [tmp_path / "bad.dst"], tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
