@@ -226,31 +226,24 @@ def train(
     """Fine-tune BASE on DATA with Dynamic Subset Tuning; write the result as a sparse patch."""
     from dstcli.train import TrainOptions, train as run_train
 
-    given = {k: v for k, v in ctx.params.items()
-             if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}  # typed by the user
     values = dict(ctx.params)
+    values["eval"] = values.pop("eval_file")  # the --eval option is named eval_file in the signature
+    given = {"eval" if k == "eval_file" else k for k in ctx.params
+             if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}  # typed by the user
     if config is not None:
-        conf = _load_config_file(config)
-        values.update({k: v for k, v in conf.items() if k not in given and k != "eval"})
-        if "eval" in conf and "eval_file" not in given:
-            values["eval_file"] = conf["eval"]
+        values.update({k: v for k, v in _load_config_file(config).items() if k not in given})
     r = str(values["reselect_every"]).lower()
     if r in ("never", "inf", "none"):
-        reselect = None
+        values["reselect_every"] = None
     elif r.isdigit() and int(r) >= 1:
-        reselect = int(r)
+        values["reselect_every"] = int(r)
     else:
         raise DstError(f"--reselect-every {r!r} must be a positive whole number or 'never'")
-    opts = TrainOptions(
-        base=values["base"], data=str(values["data"]) if values["data"] else None, output=str(values["output"]),
-        epsilon=values["epsilon"], params=values["params"], silo=values["silo"], distance=values["distance"],
-        reselect_every=reselect, include=values["include"] or None, exclude=values["exclude"] or None,
-        optimizer=values["optimizer"], lr=values["lr"], weight_decay=values["weight_decay"], steps=values["steps"],
-        epochs=values["epochs"], batch_size=values["batch_size"], grad_accum=values["grad_accum"],
-        seq_len=values["seq_len"], warmup=values["warmup"], clip=values["clip"],
-        eval=str(values["eval_file"]) if values["eval_file"] else None, eval_every=values["eval_every"],
-        seed=values["seed"], device=values["device"], dtype=values["dtype"],
-        metrics=str(values["metrics"]) if values["metrics"] else None, overwrite=values["overwrite"])
+    for k in ("data", "output", "eval", "metrics"):
+        values[k] = str(values[k]) if values[k] is not None else None
+    for k in ("include", "exclude"):
+        values[k] = list(values[k]) if values[k] else None
+    opts = TrainOptions(**{k: v for k, v in values.items() if k in TrainOptions.keys()})
 
     cols = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
