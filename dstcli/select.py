@@ -34,6 +34,31 @@ def distance(x: torch.Tensor, x0: torch.Tensor, kind: str = "absolute") -> torch
     return d.nan_to_num_(nan=float("inf"), posinf=float("inf"))
 
 
+_FAST_MIN = 1 << 20  # below this, torch.topk is already cheap
+_SAMPLE = 1 << 16
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest value of a 1-D tensor (1 <= k <= numel), without sorting it all.
+
+    A strided sample gives a lower bound that, with a wide margin, has at least k values at or
+    above it; those few candidates are then ranked exactly. If the bound was too high (the data
+    fooled the sample) it falls back to a full torch.topk, so the answer is always exact.
+    """
+    m = flat.numel()
+    if m < _FAST_MIN or k > m // 16:
+        return torch.topk(flat, k, sorted=False).values.min()
+    stride = m // _SAMPLE
+    sample = flat[::stride]
+    expect = k / m * sample.numel()  # how many sample values should lie above the k-th largest
+    j = min(sample.numel(), int(expect + 4 * expect ** 0.5 + 8))  # ~4 sigma above the expected rank
+    lo = torch.topk(sample, j, sorted=False).values.min()
+    cand = flat[flat >= lo]
+    if cand.numel() < k:
+        return torch.topk(flat, k, sorted=False).values.min()
+    return torch.topk(cand, k, sorted=False).values.min()
+
+
 def topk_mask(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Keep-mask for silos laid out as the rows of d (R, m) with budgets k (R,) or one int.
 
@@ -47,6 +72,15 @@ def topk_mask(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
         return torch.zeros_like(d, dtype=torch.bool)
     if kmax == m and bool((k == m).all()):
         return d > 0
+    if R == 1:  # one silo (tensor or global strategy): sampled exact threshold, then masks
+        flat, kk = d[0], kmax
+        tau = kth_largest(flat, kk)
+        keep = flat > tau
+        need = kk - int(keep.sum())
+        eq = flat == tau
+        if int(eq.sum()) > need:  # ties at the threshold: the lower indices win
+            eq &= eq.cumsum(0) <= need
+        return ((keep | eq) & (flat > 0)).reshape(1, m)
     top = torch.topk(d, kmax, dim=1, sorted=True).values  # (R, kmax), descending
     tau = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (R, 1) the k-th largest
     tau = torch.where(k[:, None] == 0, torch.full_like(tau, float("inf")), tau)
@@ -74,7 +108,7 @@ class GlobalTopK:
         d = d.reshape(-1)
         kk = min(self.k, d.numel())
         if kk:
-            tau = torch.topk(d, kk, sorted=False).values.min()
+            tau = kth_largest(d, kk)
             cand = torch.nonzero(d >= tau).reshape(-1)
             vals = torch.cat([self.vals, d[cand].to(torch.float64)])
             pos = torch.cat([self.pos, cand + self.offset])  # ascending: earlier tensors first

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -60,3 +61,30 @@ def test_budgets_epsilon_exact_decimal_and_params_total():
             assert budget_total(a) == min(n, 1016)
     assert allocate(shapes, "global", params=50) == 50
     assert allocate(shapes, "row", epsilon=0.1)["a"].tolist() == [1] * 100
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "sorted", "periodic", "zeros"])
+@pytest.mark.parametrize("k", [1, 7, 1000, 40_000])
+def test_sampled_threshold_is_exact_on_large_silos(kind, k):
+    from dstcli.select import kth_largest
+    m = (1 << 20) + 12345
+    g = torch.Generator().manual_seed(k)
+    if kind == "normal":
+        d = torch.randn(m, generator=g).abs()
+    elif kind == "ties":
+        d = torch.randint(0, 50, (m,), generator=g).float()
+    elif kind == "sorted":
+        d = torch.linspace(0, 1, m)
+    elif kind == "periodic":  # big values exactly where a strided sample never looks
+        d = torch.rand(m, generator=g) * 0.1
+        d[7::16] += 1.0
+    else:
+        d = torch.zeros(m)
+        d[torch.randint(0, m, (k // 2 + 1,), generator=g)] = 1.0
+    assert kth_largest(d, k) == torch.sort(d, descending=True).values[k - 1]
+    mask = topk_mask(d.view(1, -1), k)[0]
+    _, idx = torch.sort(d, descending=True, stable=True)  # stable: among ties the lower index first
+    want = torch.zeros(m, dtype=torch.bool)
+    want[idx[:k]] = True
+    want &= d > 0
+    assert torch.equal(mask, want)
