@@ -72,23 +72,18 @@ def topk_mask(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
         return torch.zeros_like(d, dtype=torch.bool)
     if kmax == m and bool((k == m).all()):
         return d > 0
-    if R == 1:  # one silo (tensor or global strategy): sampled exact threshold, then masks
-        flat, kk = d[0], kmax
-        tau = kth_largest(flat, kk)
-        keep = flat > tau
-        need = kk - int(keep.sum())
-        eq = flat == tau
-        if int(eq.sum()) > need:  # ties at the threshold: the lower indices win
-            eq &= eq.cumsum(0) <= need
-        return ((keep | eq) & (flat > 0)).reshape(1, m)
-    top = torch.topk(d, kmax, dim=1, sorted=True).values  # (R, kmax), descending
-    tau = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (R, 1) the k-th largest
-    tau = torch.where(k[:, None] == 0, torch.full_like(tau, float("inf")), tau)
+    if R == 1:  # one silo (tensor or global strategy): the sampled exact threshold
+        tau = kth_largest(d[0], kmax).reshape(1, 1)
+    else:
+        top = torch.topk(d, kmax, dim=1, sorted=True).values  # (R, kmax), descending
+        tau = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (R, 1) the k-th largest
+        tau = torch.where(k[:, None] == 0, torch.full_like(tau, float("inf")), tau)
     gt = d > tau
-    need = k[:, None] - gt.sum(1, keepdim=True)
+    need = k[:, None] - gt.sum(1, keepdim=True)  # how many entries at tau still fit
     eq = d == tau
-    keep = gt | (eq & (eq.cumsum(1) <= need) & (k[:, None] > 0))
-    return keep & (d > 0)
+    if bool((eq.sum(1, keepdim=True) > need).any()):  # surplus ties at tau: the lower indices win
+        eq &= eq.cumsum(1) <= need
+    return (gt | eq) & (d > 0)
 
 
 class GlobalTopK:
