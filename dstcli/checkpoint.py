@@ -154,13 +154,18 @@ def check_output(out: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
         raise DstError(f"output {out} already exists: pass --overwrite to replace it, or choose another -o path")
     if not out.parent.exists():
         raise DstError(f"directory {out.parent} does not exist: create it first")
+    if not out.parent.is_dir():
+        raise DstError(f"{out.parent} is a file, not a directory: choose another -o path")
 
 
 @contextlib.contextmanager
 def atomic_path(out: Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temp path beside `out`; on success rename it into place, on any failure remove it."""
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise DstError(f"cannot write {out}: {e.strerror or e}; check that {out.parent} is a writable directory") from e
     target = tmp if is_dir else tmp / out.name
     try:
         yield target

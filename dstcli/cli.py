@@ -221,10 +221,14 @@ def train(
     metrics: Optional[Path] = typer.Option(None, help="Write one JSON line per step (loss, lr, changed, churn, eval) here."),
     config: Optional[Path] = typer.Option(None, help="TOML file whose keys are these options; flags given here win."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    save_every: int = typer.Option(0, help="Save a resumable state every N steps (a kill loses at most N); Ctrl-C always saves."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where the resumable state goes (default OUTPUT.state); removed when the run finishes."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run saved in this state directory, with its options."),
+    max_bad_steps: int = typer.Option(5, help="Skip steps with NaN/inf loss or gradients; stop after this many in a row."),
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
     """Fine-tune BASE on DATA with Dynamic Subset Tuning; write the result as a sparse patch."""
-    from dstcli.train import TrainOptions, train as run_train
+    from dstcli.train import Stopped, TrainOptions, resume_options, train as run_train
 
     values = dict(ctx.params)
     values["eval"] = values.pop("eval_file")  # the --eval option is named eval_file in the signature
@@ -239,11 +243,14 @@ def train(
         values["reselect_every"] = int(r)
     else:
         raise DstError(f"--reselect-every {r!r} must be a positive whole number or 'never'")
-    for k in ("data", "output", "eval", "metrics"):
+    for k in ("data", "output", "eval", "metrics", "checkpoint_dir"):
         values[k] = str(values[k]) if values[k] is not None else None
     for k in ("include", "exclude"):
         values[k] = list(values[k]) if values[k] else None
-    opts = TrainOptions(**{k: v for k, v in values.items() if k in TrainOptions.keys()})
+    if resume is not None:  # the saved run's options; flags given here may only repeat them
+        opts = resume_options(resume, {k: values[k] for k in given if k in TrainOptions.keys()})
+    else:
+        opts = TrainOptions(**{k: v for k, v in values.items() if k in TrainOptions.keys()})
 
     cols = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
@@ -255,12 +262,22 @@ def train(
         if task is None:
             bar.start()
             task = bar.add_task("train", total=r["steps"], info="")
+        if "skipped" in r:
+            err.print(f"Warning: step {r['step']} skipped: {r['skipped']} ({r['bad_in_a_row']} in a row)",
+                      markup=False, highlight=False)
+            bar.update(task, completed=r["step"])
+            return
         info = (f"loss {r['loss']:.3f} lr {r['lr']:.1e} changed {r['nonseed']:,} "
                 f"churn +{r['entered']}/-{r['left']} {r['tokens_per_s']:,.0f} tok/s")
         bar.update(task, completed=r["step"], info=info)
 
     try:
-        result = run_train(opts, on_step=on_step)
+        result = run_train(opts, on_step=on_step, resume=resume)
+    except Stopped as e:
+        if task is not None:
+            bar.stop()
+        err.print(f"Stopped: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     finally:
         if task is not None:
             bar.stop()

@@ -93,7 +93,7 @@ def index_raw_size(codec: str, params: dict, n: int, k: int) -> int:
         return (n + 7) // 8
     if codec == "elias-fano":
         l = params.get("l")
-        if not isinstance(l, int) or not 0 <= l <= 64:
+        if type(l) is not int or not 0 <= l <= 64:
             raise DstError(f"Elias-Fano low-bit width {l!r} is invalid")
         return sum(ef_sizes(n, k, l))
     raise DstError(f"unknown index codec {codec!r}: this patch needs a newer dstcli (pip install -U dstcli)")

@@ -1,25 +1,42 @@
 """The DST engine: after each optimizer step, keep per silo only the entries farthest from the seed.
 
-    dst = DST(model.named_parameters(), epsilon=1e-3)     # snapshot the seed
-    for batch in data:
-        loss(batch).backward(); opt.step(); opt.zero_grad()
-        stats = dst.project()                              # reset all but the top-k per silo
+Two ways to drive it. The lean one steps each tensor's own optimizer and projects that tensor
+right away, so no copy of the seed is ever held (only the kept entries' seed values, O(epsilon n)):
 
-Plain arguments only (no config objects). The optimizer is untouched: a reset entry keeps its
-optimizer state and can come back later (churn). Resets copy the seed bits exactly.
+    dst = DST(model.named_parameters(), epsilon=1e-3, seed="none")
+    opts = {name: torch.optim.AdamW([p], lr=lr) for name, p in model.named_parameters()}
+    for batch in data:
+        loss(batch).backward()
+        stats = dst.step(opts)                 # per tensor: snapshot, opt.step(), project
+        for o in opts.values(): o.zero_grad()
+
+The plain one projects after an ordinary optimizer step; it needs the whole seed, either copied
+(``seed="copy"``, the default) or given as a mapping (e.g. tensors memory-mapped from the base
+checkpoint):
+
+    dst = DST(model.named_parameters(), epsilon=1e-3)
+    loss(batch).backward(); opt.step(); opt.zero_grad()
+    stats = dst.project()
+
+Both give bit-identical parameters. The optimizer is untouched: a reset entry keeps its optimizer
+state and can come back later (churn). Resets copy the seed bits exactly.
+
+Why the lean way needs no seed: outside the kept set the value before a step *is* the seed value,
+so a snapshot of one tensor taken just before its update, with the kept entries' stored seed
+values written back, is that tensor's seed. Temporary memory is one tensor (the largest).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
 from dstcli.codec import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
-from dstcli.select import DISTANCES, GlobalTopK, distance, topk_mask
+from dstcli.select import DISTANCES, distance, top_indices, topk_mask
 from dstcli.silos import allocate, budget_total, silo_rows
 
 
@@ -30,6 +47,22 @@ class StepStats:
     entered: int  # entries that joined the kept set at this step's selection
     left: int  # entries that left it
     reselected: bool
+
+
+class _Kept:
+    """One tensor's kept set: ascending flat positions and the seed values there."""
+
+    def __init__(self, idx: torch.Tensor, seed_vals: torch.Tensor):
+        self.idx, self.seed_vals = idx, seed_vals
+
+
+def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
+    """How many positions in range(n) two index tensors share (a bitmap of n bools)."""
+    if not len(a) or not len(b):
+        return 0
+    seen = torch.zeros(n, dtype=torch.bool, device=a.device)
+    seen[b] = True
+    return int(seen[a].sum())
 
 
 class DST:
@@ -44,11 +77,14 @@ class DST:
         distance: "absolute", "relative" or "inverse-relative".
         reselect_every: choose the kept set every R steps and hold it fixed in between; None
             selects once, at the first step, and never again (static sparse tuning).
+        seed: "copy" keeps a full copy of the seed (then call `project()` after each step);
+            "none" keeps only the kept entries' seed values (then call `step(optimizers)`); or a
+            mapping name -> seed tensor (same shape and dtype, e.g. memory-mapped) for `project()`.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], *, epsilon: float | None = None,
                  params: int | None = None, silo: str = "tensor", distance: str = "absolute",
-                 reselect_every: int | None = 1):
+                 reselect_every: int | None = 1, seed: str | Mapping[str, torch.Tensor] = "copy"):
         self.params = dict(named_params)
         if not self.params:
             raise DstError("no parameters to tune")
@@ -64,50 +100,238 @@ class DST:
             raise DstError("the budget rounds to zero in every silo: raise --epsilon or --params "
                            "(or use --silo tensor/global instead of row)")
         self.epsilon, self.params_budget = epsilon, params
-        self.seed = {n: p.detach().clone() for n, p in self.params.items()}
-        self.masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params.items()}
-        self.step = 0
+        self.seed = self._seed_store(seed)
+        self.kept = {n: _Kept(torch.empty(0, dtype=torch.long, device=p.device), p.detach().new_empty(0))
+                     for n, p in self.params.items()}
+        self.frozen = {n for n in self.params if self._budget_of(n) == 0}  # always the seed
+        self._nonseed: dict[str, torch.Tensor] = {}
+        self.step_count = 0
+        self._scratch: torch.Tensor | None = None
+
+    def _seed_store(self, seed: str | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        if isinstance(seed, str):
+            if seed == "copy":
+                return {n: p.detach().clone() for n, p in self.params.items()}
+            if seed == "none":
+                return None
+            raise DstError(f"unknown seed store {seed!r}: use 'copy', 'none' or a mapping of tensors")
+        out = {}
+        for n, p in self.params.items():
+            s = seed.get(n)
+            if s is None or s.shape != p.shape or s.dtype != p.dtype or s.device != p.device:
+                raise DstError(f"seed tensor {n!r} is missing or not {p.dtype}{list(p.shape)} on {p.device}: "
+                               "the seed mapping must match the parameters")
+            if not torch.equal(bits_view(s), bits_view(p.detach())):
+                raise DstError(f"parameter {n!r} does not start at its seed value: build DST before training")
+            out[n] = s
+        return out
+
+    def _budget_of(self, name: str) -> int:
+        return self.alloc if self.silo == "global" else int(self.alloc[name].sum())
 
     def _due(self) -> bool:
         if self.reselect_every is None:
-            return self.step == 1
-        return (self.step - 1) % self.reselect_every == 0
+            return self.step_count == 1
+        return (self.step_count - 1) % self.reselect_every == 0
 
-    def _distances(self, name: str) -> torch.Tensor:
-        return distance(self.params[name].detach(), self.seed[name], self.distance)
+    # ---- driving -------------------------------------------------------------------------
 
     @torch.no_grad()
     def project(self) -> StepStats:
         """Call after each optimizer step: keep the top-k per silo, reset the rest to the seed."""
-        self.step += 1
+        if self.seed is None:
+            raise DstError("this DST keeps no seed (seed='none'): call step(optimizers) instead of project()")
+        return self._run(lambda name: self.seed[name])
+
+    @torch.no_grad()
+    def step(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> StepStats:
+        """Step each tensor's own optimizer and project that tensor at once (the lean path).
+
+        `optimizers[name]` must update only that parameter. Tensors whose budget is zero are not
+        stepped at all (they would be reset to the seed anyway).
+        """
+        missing = [n for n in self.params if n not in optimizers and n not in self.frozen]
+        if missing:
+            raise DstError(f"no optimizer for {missing[0]!r}: give one optimizer per parameter")
+
+        def seed_of(name: str) -> torch.Tensor:
+            p = self.params[name].detach()
+            if self.seed is not None:
+                optimizers[name].step()
+                return self.seed[name]
+            buf = self._buffer(p)
+            buf.copy_(p)  # before the step: the seed, except at the kept entries
+            optimizers[name].step()
+            kept = self.kept[name]
+            buf.view(-1)[kept.idx] = kept.seed_vals
+            return buf
+
+        return self._run(seed_of)
+
+    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
+        n = p.numel()
+        s = self._scratch
+        if s is None or s.numel() < n or s.dtype != p.dtype or s.device != p.device:
+            largest = max(q.numel() for q in self.params.values() if q.dtype == p.dtype and q.device == p.device)
+            s = self._scratch = torch.empty(largest, dtype=p.dtype, device=p.device)
+        return s[:n].view(p.shape)
+
+    def _run(self, seed_of) -> StepStats:
+        self.step_count += 1
         reselect = self._due()
+        old = {n: k.idx for n, k in self.kept.items()} if reselect else None
+        if reselect and self.silo == "global":
+            self._select_global(seed_of)
+        else:
+            for name, p in self.params.items():
+                if name in self.frozen:
+                    if self.seed is not None:
+                        p.detach().copy_(self.seed[name])  # undo whatever the optimizer did
+                    continue
+                seed = seed_of(name)
+                if reselect:
+                    self._select_tensor(name, seed)
+                else:
+                    kept = self.kept[name]
+                    self._reset_outside(name, seed, kept.idx)
+                    self.kept[name] = kept  # same entries, same seed values
         entered = left = 0
         if reselect:
-            new_masks = {}
-            if self.silo == "global":
-                top = GlobalTopK(self.alloc)
-                offsets = {}
-                for name in self.params:
-                    offsets[name] = top.offset
-                    top.add(self._distances(name))
-                thr = top.threshold()
-                for name in self.params:
-                    new_masks[name] = top.mask(self._distances(name), offsets[name], thr)
-            else:
-                for name, p in self.params.items():
-                    rows = silo_rows(tuple(p.shape), self.silo)
-                    d = self._distances(name).reshape(rows, -1)
-                    new_masks[name] = topk_mask(d, self.alloc[name].to(d.device)).reshape(p.shape)
-            for name, m in new_masks.items():
-                old = self.masks[name]
-                entered += int((m & ~old).sum())
-                left += int((old & ~m).sum())
-            self.masks = new_masks
-        nonseed = 0
+            for name, k in self.kept.items():
+                both = _common(k.idx, old[name], self.params[name].numel())
+                entered += len(k.idx) - both
+                left += len(old[name]) - both
+        return StepStats(self.step_count, self.nonseed(), entered, left, reselect)
+
+    # ---- projection of one tensor ----------------------------------------------------------
+
+    def _reset_outside(self, name: str, seed: torch.Tensor, idx: torch.Tensor) -> None:
+        """Set the parameter to `seed` except at positions idx, which become its kept set."""
+        flat = self.params[name].detach().view(-1)
+        vals = flat[idx]
+        seed_vals = seed.reshape(-1)[idx]
+        flat.copy_(seed.reshape(-1))
+        flat[idx] = vals
+        self.kept[name] = _Kept(idx, seed_vals)
+        self._nonseed[name] = (bits_view(vals) != bits_view(seed_vals)).sum()
+
+    def _select_tensor(self, name: str, seed: torch.Tensor) -> None:
+        p = self.params[name].detach()
+        d = distance(p, seed, self.distance)
+        rows = silo_rows(tuple(p.shape), self.silo)
+        if rows == 1:
+            idx = top_indices(d.view(-1), int(self.alloc[name][0]))
+        else:
+            mask = topk_mask(d.view(rows, -1), self.alloc[name].to(d.device))
+            idx = torch.nonzero(mask.view(-1)).view(-1)
+        del d
+        self._reset_outside(name, seed, idx)
+
+    def _select_global(self, seed_of) -> None:
+        """One silo over all tensors, tensor by tensor, in O(budget) memory.
+
+        A pool holds the entries that can still be in the global top-K, in ascending global
+        position, with their distances and seed values. Each tensor contributes at most its own
+        top-K (nothing outside it can be in the global top-K), and only entries above the pool's
+        running K-th largest distance once the pool has K (an entry equal to it has a later
+        position than K entries at least as far, so it loses the tie). When the pool passes 2K it
+        is cut back to its top-K, and the entries cut are reset to their seed values on the spot.
+        """
+        K = self.alloc
+        pool: list[tuple[str, torch.Tensor]] = []  # (name, distances of that tensor's kept entries)
+        size, floor = 0, None  # floor: the pool's K-th largest distance, once it holds K
+        for name in self.params:
+            p = self.params[name].detach()
+            seed = seed_of(name)
+            d = distance(p, seed, self.distance).view(-1)
+            idx = top_indices(d, K)
+            vals = d[idx]
+            del d
+            if floor is not None:
+                above = vals > floor
+                idx, vals = idx[above], vals[above]
+            self._reset_outside(name, seed, idx)
+            pool.append((name, vals.to(torch.float64)))
+            size += len(idx)
+            if size > 2 * K:
+                floor, size = self._cut_pool(pool, K), K
+        if size > K:
+            self._cut_pool(pool, K)
+
+    def _cut_pool(self, pool: list[tuple[str, torch.Tensor]], K: int) -> float:
+        """Keep the pool's top-K (ties to the lower position), reset the rest; return the K-th
+        largest distance."""
+        all_d = torch.cat([v for _, v in pool])
+        keep = torch.zeros(len(all_d), dtype=torch.bool, device=all_d.device)
+        keep[top_indices(all_d, K)] = True
+        ends = torch.tensor([len(v) for _, v in pool]).cumsum(0)
+        kept_upto = torch.cat([torch.zeros(1, dtype=torch.long), keep.cumsum(0).cpu()])[ends]
+        kept_each = torch.diff(kept_upto, prepend=torch.zeros(1, dtype=torch.long)).tolist()
+        at = 0
+        for i, (name, vals) in enumerate(pool):
+            n = len(vals)
+            if kept_each[i] < n:  # this tensor lost some entries: back to the seed
+                mine = keep[at:at + n]
+                kept = self.kept[name]
+                flat = self.params[name].detach().view(-1)
+                flat[kept.idx[~mine]] = kept.seed_vals[~mine]
+                self.kept[name] = _Kept(kept.idx[mine], kept.seed_vals[mine])
+                self._nonseed[name] = (bits_view(flat[kept.idx[mine]]) != bits_view(kept.seed_vals[mine])).sum()
+                pool[i] = (name, vals[mine])
+            at += n
+        return float(all_d[keep].min())
+
+    # ---- resuming -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def restore(self, kept: Mapping[str, torch.Tensor], step_count: int, values: Mapping[str, torch.Tensor]) -> None:
+        """Continue a run: call while the parameters still hold the seed. `kept[name]` gives a
+        tensor's kept positions (ascending) and `values[name]` its trained values there."""
         for name, p in self.params.items():
-            p.copy_(torch.where(self.masks[name], p, self.seed[name]))
-            nonseed += int((bits_view(p.detach()) != bits_view(self.seed[name])).sum())
-        return StepStats(self.step, nonseed, entered, left, reselect)
+            flat = p.detach().view(-1)
+            idx = kept.get(name, torch.empty(0, dtype=torch.long)).to(device=p.device, dtype=torch.long)
+            vals = values.get(name, flat.new_empty(0)).to(p.device)
+            if (len(vals) != len(idx) or vals.dtype != p.dtype or (len(idx) and (
+                    int(idx.min()) < 0 or int(idx.max()) >= flat.numel() or not bool((idx[1:] > idx[:-1]).all())))):
+                raise DstError(f"saved kept set of {name!r} does not fit {p.dtype}{list(p.shape)}: "
+                               "the training state is corrupt or from another model")
+            self.kept[name] = _Kept(idx, flat[idx].clone())
+            flat[idx] = vals
+            self._nonseed[name] = (bits_view(vals) != bits_view(self.kept[name].seed_vals)).sum()
+        self.step_count = step_count
+
+    def nonfinite(self) -> int:
+        """How many kept entries are NaN or infinite (the optimizer diverged)."""
+        counts = [(~torch.isfinite(self.params[n].detach().reshape(-1)[k.idx])).sum().cpu()
+                  for n, k in self.kept.items() if len(k.idx)]
+        return int(torch.stack(counts).sum()) if counts else 0
+
+    # ---- reading the state ------------------------------------------------------------------
+
+    def nonseed(self) -> int:
+        """How many entries differ from the seed (bit for bit) after the last step: only kept
+        entries can, and each projection counts them while it has them in hand."""
+        counts = [c.cpu() for c in self._nonseed.values()]
+        return int(torch.stack(counts).sum()) if counts else 0
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The kept sets as boolean masks shaped like the parameters."""
+        out = {}
+        for name, p in self.params.items():
+            m = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+            m[self.kept[name].idx] = True
+            out[name] = m.view(p.shape)
+        return out
+
+    def seed_tensor(self, name: str) -> torch.Tensor:
+        """The seed of one parameter (rebuilt from the kept entries when no copy is held)."""
+        if self.seed is not None:
+            return self.seed[name]
+        s = self.params[name].detach().clone()
+        k = self.kept[name]
+        s.view(-1)[k.idx] = k.seed_vals
+        return s
 
     def changes(self) -> list[Change]:
         """The trained state as patch entries: every non-seed entry, lossless against the seed."""
@@ -117,5 +341,5 @@ class DST:
             info = {"strategy": self.silo}
             if self.silo != "global":
                 info.update(silos=rows, budget=int(self.alloc[name].sum()))
-            out.append(Change.between(name, self.seed[name].cpu(), p.detach().cpu(), silo=info))
+            out.append(Change.between(name, self.seed_tensor(name).cpu(), p.detach().cpu(), silo=info))
         return out

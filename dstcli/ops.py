@@ -115,8 +115,8 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
     """Write base + patches (in order) to `out`, mirroring the base's layout, atomically.
 
     Every changed tensor's fingerprint is checked before the patch touches it (the base fingerprint,
-    or with revert=True the result fingerprint, patches then undone in reverse order); a mismatch
-    raises DstError unless force=True. `scale` multiplies the total change (not bit-exact).
+    or with revert=True the result fingerprint, patches then undone in reverse order) and after
+    (the result, or with revert the base); a mismatch raises DstError unless force=True. `scale` multiplies the total change (not bit-exact).
     Returns a summary dict.
     """
     if not patch_paths:
@@ -168,6 +168,11 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
                     idx, xor = p.read_change(name)
                     t = apply_change(t, idx, xor)
                     changed += len(idx)
+                    after = "base_fingerprint" if revert else "result_fingerprint"
+                    if not force and fingerprint(t) != e[after]:  # the blocks passed their CRCs but lie
+                        raise DstError(f"{p.path}: tensor {name!r} does not come out as the patch says "
+                                       f"(fingerprint {fingerprint(t)}, expected {e[after]}); the patch is "
+                                       "corrupt: make it again with dstcli diff or train")
                 if scale != 1.0:  # arithmetic, not bit-exact; entries no patch touched stay as they are
                     moved = (bits_view(t) != bits_view(orig)).reshape(orig.shape)
                     wide = orig.to(torch.float64)

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from dstcli import __version__
 from dstcli.checkpoint import atomic_path, dtype_name
@@ -41,6 +40,10 @@ def fingerprint(t: torch.Tensor) -> str:
     flat = t.contiguous().reshape(-1)
     data = flat.view(torch.uint8).numpy() if flat.numel() else b""
     return "sha256:" + hashlib.sha256(data).hexdigest()[:32]
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # not bool, not float: a header that says True for a size is lying
 
 
 def _finite(x: float) -> float | str:
@@ -125,8 +128,29 @@ def save_patch(path: str | os.PathLike, changes: list[Change], *, run: dict | No
               "changed": sum(e["changed"] for e in tensors.values()),
               "budget": budget or {}, "run": run or {}, "tensors": tensors}
     with atomic_path(Path(path)) as tmp:
-        save_file(blocks, str(tmp), metadata={"format": FORMAT, METADATA_KEY: json.dumps(header)})
+        write_safetensors(tmp, blocks, {"format": FORMAT, METADATA_KEY: json.dumps(header)})
     return header
+
+
+def write_safetensors(path: Path, blocks: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """A safetensors file of 1-D uint8 blocks, byte-deterministic: header keys and data in name order.
+
+    (safetensors' own writer orders `__metadata__` keys by a per-process hash, so the same patch
+    would not always give the same bytes.) Blocks are written one after another, never joined.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    at = 0
+    for name in sorted(blocks):
+        n = blocks[name].nbytes
+        header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [at, at + n]}
+        at += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in sorted(blocks):
+            f.write(memoryview(blocks[name]))
 
 
 class Patch:
@@ -160,10 +184,10 @@ class Patch:
         if not isinstance(h, dict) or not isinstance(h.get("tensors"), dict):
             raise self._bad("patch header has no tensor table")
         v = h.get("format_version")
-        if not isinstance(v, int) or v > FORMAT_VERSION or v < 1:
+        if not _is_int(v) or v > FORMAT_VERSION or v < 1:
             raise DstError(f"{self.path} has patch format version {v!r}; this dstcli reads versions 1 to "
                            f"{FORMAT_VERSION}: upgrade dstcli (pip install -U dstcli)")
-        if not (isinstance(h.get("changed"), int) and isinstance(h.get("base_params"), int)
+        if not (_is_int(h.get("changed")) and _is_int(h.get("base_params"))
                 and isinstance(h.get("budget", {}), dict) and isinstance(h.get("run", {}), dict)):
             raise self._bad("patch header lacks its totals, budget or run metadata")
         expected = set()
@@ -178,11 +202,11 @@ class Patch:
                 if e["dtype"] not in DTYPES:
                     raise self._bad(f"tensor {name!r} has unsupported dtype {e['dtype']!r}")
                 shape = e["shape"]
-                if not all(isinstance(s, int) and s >= 0 for s in shape):
+                if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
                     raise self._bad(f"tensor {name!r} has an invalid shape {shape!r}")
                 n = int(np.prod(shape, dtype=object)) if shape else 1
                 k = e["changed"]
-                if e["numel"] != n or not isinstance(k, int) or not 0 <= k <= n:
+                if not _is_int(e["numel"]) or e["numel"] != n or not _is_int(k) or not 0 <= k <= n:
                     raise self._bad(f"tensor {name!r} claims {k!r} changes of {e['numel']!r} entries, shape {shape}")
                 if k:
                     width = DTYPES[e["dtype"]].itemsize
@@ -193,11 +217,11 @@ class Patch:
                         raise self._bad(f"tensor {name!r}: value block does not match {k} entries")
                     for kind, b in (("index", idx), ("values", val)):
                         if (b.get("compression") not in ("none", "zstd") or not isinstance(b.get("crc32"), str)
-                                or not all(isinstance(b.get(f), int) and b[f] >= 0 for f in ("raw_bytes", "stored_bytes"))):
+                                or not all(_is_int(b.get(f)) and b[f] >= 0 for f in ("raw_bytes", "stored_bytes"))):
                             raise self._bad(f"tensor {name!r}: {kind} block description is invalid")
                         if b["stored_bytes"]:
                             expected.add(f"{name}::{kind}")
-            except (KeyError, TypeError) as ex:
+            except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as ex:
                 raise self._bad(f"tensor {name!r} has an incomplete header entry ({ex!r})") from ex
             except DstError as ex:
                 if str(ex).startswith(str(self.path)):
@@ -207,6 +231,11 @@ class Patch:
             raise self._bad("the header's total of changed entries does not add up")
         if expected != self._keys:
             raise self._bad("the blocks in the file do not match the header")
+        for key in sorted(self._keys):
+            name, _, kind = key.rpartition("::")
+            sl = self._f.get_slice(key)
+            if sl.get_dtype() != "U8" or sl.get_shape() != [self.tensors[name][kind]["stored_bytes"]]:
+                raise self._bad(f"block {key!r} is {sl.get_dtype()}{sl.get_shape()}, not the U8 bytes the header describes")
 
     @property
     def tensors(self) -> dict[str, dict]:
@@ -238,6 +267,8 @@ class Patch:
             if str(ex).startswith(str(self.path)):
                 raise
             raise self._bad(f"tensor {name!r}: {ex}") from ex
+        except (ValueError, TypeError, OverflowError, IndexError) as ex:  # a lie the checks above missed
+            raise self._bad(f"tensor {name!r} cannot be decoded ({ex})") from ex
         return idx, xor
 
 

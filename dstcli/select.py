@@ -7,6 +7,7 @@ are computed in float32 (float64 for float64 tensors); a NaN distance counts as 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dstcli.errors import DstError
@@ -34,29 +35,78 @@ def distance(x: torch.Tensor, x0: torch.Tensor, kind: str = "absolute") -> torch
     return d.nan_to_num_(nan=float("inf"), posinf=float("inf"))
 
 
-_FAST_MIN = 1 << 20  # below this, torch.topk is already cheap
-_SAMPLE = 1 << 16
+_FAST_MIN = 1 << 13  # below this, torch.topk is already cheap
+_SAMPLE = 1 << 16  # the largest sample; smaller silos sample 1 in 64 (at least 4,096 values)
 
 
-def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest value of a 1-D tensor (1 <= k <= numel), without sorting it all.
+def _positions_at_least(flat: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Ascending flat positions with flat >= lo, in one pass (NumPy's compare + flatnonzero on CPU
+    is ~2x torch's boolean indexing there; int64 positions, so silos past 2^31 entries are fine)."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        a = flat.numpy()
+        return torch.from_numpy(np.flatnonzero(a >= a.dtype.type(lo.item())))
+    return torch.nonzero(flat >= lo).reshape(-1)
 
-    A strided sample gives a lower bound that, with a wide margin, has at least k values at or
-    above it; those few candidates are then ranked exactly. If the bound was too high (the data
-    fooled the sample) it falls back to a full torch.topk, so the answer is always exact.
+
+def top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending positions of the k largest values of a 1-D tensor of distances (exact).
+
+    Ties at the k-th value go to the lower positions; a zero distance is never chosen, so fewer
+    than k come back when fewer than k are positive. Silos of 8,192+ entries are not sorted: a
+    strided sample (1 in 64 entries, at least 4,096 and at most 65,536 values) brackets the k-th largest about
+    4 sigma each side, one pass collects the entries above the bracket's low end, and only those
+    are ranked (for large k, only those inside the bracket). If the sample misled (fewer than k
+    collected, or k or more above the high end) it falls back to a full torch.topk, so the answer
+    never depends on the sample.
     """
     m = flat.numel()
-    if m < _FAST_MIN or k > m // 16:
-        return torch.topk(flat, k, sorted=False).values.min()
-    stride = m // _SAMPLE
+    k = min(int(k), m)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=flat.device)
+    if k == m:
+        return torch.nonzero(flat > 0).reshape(-1)
+    if m < _FAST_MIN:
+        vals, idx = torch.topk(flat, k, sorted=False)
+        tau = vals.min()
+        if float(tau) > 0 and int((flat >= tau).sum()) == k:  # no ties at tau: the top-k is the set
+            return torch.sort(idx).values
+        cand = _positions_at_least(flat, tau)
+        return _settle(cand, flat[cand], tau, k)
+    stride = max(16, m // max(4096, min(_SAMPLE, m // 64))) | 1  # odd: no aliasing with power-of-2 rows
     sample = flat[::stride]
-    expect = k / m * sample.numel()  # how many sample values should lie above the k-th largest
-    j = min(sample.numel(), int(expect + 4 * expect ** 0.5 + 8))  # ~4 sigma above the expected rank
-    lo = torch.topk(sample, j, sorted=False).values.min()
-    cand = flat[flat >= lo]
-    if cand.numel() < k:
-        return torch.topk(flat, k, sorted=False).values.min()
-    return torch.topk(cand, k, sorted=False).values.min()
+    s = sample.numel()
+    expect = k / m * s  # how many sample values should lie above the k-th largest
+    margin = 4 * (expect * (1 - k / m)) ** 0.5 + 8
+    j_lo, j_hi = min(s, int(expect + margin) + 1), int(expect - margin)
+    ranked = torch.topk(sample, j_lo, sorted=True).values
+    cand = _positions_at_least(flat, ranked[-1])
+    if len(cand) >= k:
+        vals = flat[cand]
+        if j_hi < 1:
+            return _settle(cand, vals, torch.topk(vals, k, sorted=False).values.min(), k)
+        above = vals > ranked[j_hi - 1]  # surely in: rank only the entries inside the bracket
+        n_above = int(above.sum())
+        if n_above < k:
+            inside = vals[~above]
+            r = len(inside) - (k - n_above) + 1  # tau is the r-th smallest inside the bracket
+            tau = (torch.topk(inside, k - n_above, sorted=False).values.min() if k - n_above <= r
+                   else torch.topk(inside, r, largest=False, sorted=False).values.max())
+            return _settle(cand, vals, tau, k)
+    tau = torch.topk(flat, k, sorted=False).values.min()  # the sample was fooled: rank everything
+    cand = _positions_at_least(flat, tau)
+    return _settle(cand, flat[cand], tau, k)
+
+
+def _settle(cand: torch.Tensor, vals: torch.Tensor, tau: torch.Tensor, k: int) -> torch.Tensor:
+    """Of ascending candidates whose k-th largest value is tau, the k kept (ties: lower first)."""
+    keep = vals >= tau
+    if int(keep.sum()) > k:  # surplus ties at tau: the lower positions win
+        eq = vals == tau
+        eq &= eq.cumsum(0) <= k - int((vals > tau).sum())
+        keep = (vals > tau) | eq
+    if not float(tau) > 0:
+        keep &= vals > 0
+    return cand[keep]
 
 
 def topk_mask(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
@@ -72,12 +122,13 @@ def topk_mask(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
         return torch.zeros_like(d, dtype=torch.bool)
     if kmax == m and bool((k == m).all()):
         return d > 0
-    if R == 1:  # one silo (tensor or global strategy): the sampled exact threshold
-        tau = kth_largest(d[0], kmax).reshape(1, 1)
-    else:
-        top = torch.topk(d, kmax, dim=1, sorted=True).values  # (R, kmax), descending
-        tau = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (R, 1) the k-th largest
-        tau = torch.where(k[:, None] == 0, torch.full_like(tau, float("inf")), tau)
+    if R == 1:  # one silo (tensor or global strategy)
+        keep = torch.zeros(m, dtype=torch.bool, device=d.device)
+        keep[top_indices(d[0], kmax)] = True
+        return keep.reshape(1, m)
+    top = torch.topk(d, kmax, dim=1, sorted=True).values  # (R, kmax), descending
+    tau = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (R, 1) the k-th largest
+    tau = torch.where(k[:, None] == 0, torch.full_like(tau, float("inf")), tau)
     gt = d > tau
     need = k[:, None] - gt.sum(1, keepdim=True)  # how many entries at tau still fit
     eq = d == tau
@@ -103,8 +154,7 @@ class GlobalTopK:
         d = d.reshape(-1)
         kk = min(self.k, d.numel())
         if kk:
-            tau = kth_largest(d, kk)
-            cand = torch.nonzero(d >= tau).reshape(-1)
+            cand = top_indices(d, kk)  # only a tensor's own top-k can be in the global top-k
             vals = torch.cat([self.vals, d[cand].to(torch.float64)])
             pos = torch.cat([self.pos, cand + self.offset])  # ascending: earlier tensors first
             order = torch.sort(vals, descending=True, stable=True).indices[: self.k]

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
@@ -25,6 +28,7 @@ from dstcli.engine import DST
 from dstcli.errors import DstError
 from dstcli.model import GPT, encode, load_config
 from dstcli.patchfile import Change, save_patch
+from dstcli.resume import file_digest, load_state, save_state, state_step
 from dstcli.select import DISTANCES
 from dstcli.silos import SILOS, check_budget, select_names
 
@@ -73,6 +77,9 @@ class TrainOptions:
     dtype: str = "auto"
     metrics: str | None = None
     overwrite: bool = False
+    save_every: int = 0  # save a resumable state every N steps (0: only on Ctrl-C / SIGTERM)
+    checkpoint_dir: str | None = None  # where the state goes; default OUTPUT.state
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -109,6 +116,8 @@ def _validate(o: TrainOptions) -> None:
         raise DstError("give --steps or --epochs, not both")
     if (o.steps is not None and o.steps < 1) or (o.epochs is not None and o.epochs <= 0):
         raise DstError("--steps/--epochs must be positive")
+    if o.save_every < 0 or o.max_bad_steps < 1:
+        raise DstError("--save-every must be 0 or more and --max-bad-steps at least 1")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise DstError(f"--lr {o.lr} must be a positive number")
 
@@ -133,12 +142,18 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, wd: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
-    return torch.optim.Adafactor(params, lr=lr, weight_decay=wd)
+def _optimizers(name: str, named: dict[str, torch.nn.Parameter], lr: float,
+                wd: float) -> dict[str, torch.optim.Optimizer]:
+    """One optimizer per tensor, so the DST engine can project each tensor right after its own
+    update without a copy of the seed. Every optimizer here updates each tensor independently, so
+    this is the same arithmetic as one optimizer over all of them (tests/test_engine.py checks it)."""
+    def one(p: torch.nn.Parameter) -> torch.optim.Optimizer:
+        if name == "adamw":
+            return torch.optim.AdamW([p], lr=lr, weight_decay=wd)
+        if name == "sgd":
+            return torch.optim.SGD([p], lr=lr, momentum=0.9, weight_decay=wd)
+        return torch.optim.Adafactor([p], lr=lr, weight_decay=wd)
+    return {n: one(p) for n, p in named.items()}
 
 
 @torch.no_grad()
@@ -179,15 +194,60 @@ def evaluate(model: GPT, examples: list[Example], device: torch.device, amp: tor
     return metrics
 
 
-def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Run DST fine-tuning as configured and write the patch to o.output (atomically)."""
+class Stopped(DstError):
+    """The run was stopped by Ctrl-C or SIGTERM after saving its state (not a failure)."""
+
+
+# options that change where things go, not what is trained: left out of the patch header so that
+# a resumed run and an uninterrupted one write the same bytes
+_NEUTRAL = {"output", "metrics", "overwrite", "save_every", "checkpoint_dir"}
+
+
+def _changes(dst: DST, ckpt: Checkpoint, names: list[str]) -> list[Change]:
+    changes = dst.changes()
+    for name in ckpt.tensors:  # tensors not trained are listed as unchanged
+        if name not in names and ckpt.tensors[name].patchable:
+            t = ckpt.read(name)
+            changes.append(Change.between(name, t, t))
+    return changes
+
+
+def checkpoint_dir(o: TrainOptions) -> Path:
+    return Path(o.checkpoint_dir) if o.checkpoint_dir else Path(f"{o.output}.state")
+
+
+def resume_options(state_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainOptions:
+    """The options of a saved run; `overrides` may only repeat them or change where output goes."""
+    st = load_state(state_dir)
+    saved = TrainOptions(**{k: v for k, v in st.options.items() if k in TrainOptions.keys()})
+    for k, v in (overrides or {}).items():
+        if k in _NEUTRAL:
+            setattr(saved, k, v)
+        elif getattr(saved, k) != v:
+            raise DstError(f"--{k.replace('_', '-')} {v!r} differs from the resumed run's {getattr(saved, k)!r}: "
+                           "a resumed run keeps its options; drop the flag, or start a new run")
+    saved.checkpoint_dir = str(state_dir)
+    return saved
+
+
+def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = None, *,
+          resume: str | Path | None = None) -> TrainResult:
+    """Run DST fine-tuning as configured and write the patch to o.output (atomically).
+
+    With `resume`, continue the run saved in that state directory (see `resume_options`): the
+    final patch is byte-identical to the one an uninterrupted run writes (on CPU). The state is
+    saved every `o.save_every` steps, on Ctrl-C / SIGTERM (then `Stopped` is raised), and before
+    stopping on `o.max_bad_steps` non-finite steps in a row; it is removed after a finished run.
+    """
     _validate(o)
+    st = load_state(resume) if resume is not None else None
     base_dir = _resolve_base(o.base)
     default_task = o.data is None
     data_path = Path(o.data) if o.data else samples_dir() / "pytype" / "train.jsonl"
     eval_path = Path(o.eval) if o.eval else (samples_dir() / "pytype" / "valid.jsonl" if default_task else None)
     out = Path(o.output)
     check_output(out, o.overwrite, [base_dir, data_path])
+    state_dir = checkpoint_dir(o)
     device = _device(o.device)
     amp = DTYPES[o.dtype] if o.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
     if amp == torch.float32:
@@ -205,6 +265,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     o.seq_len = min(o.seq_len, cfg.block_size - 1)
     train_rows = read_jsonl(data_path, o.seq_len)
     eval_rows = read_jsonl(eval_path, o.seq_len) if eval_path else None
+    data_digest = file_digest(data_path)
 
     torch.manual_seed(o.seed)
     gen = torch.Generator().manual_seed(o.seed)
@@ -214,8 +275,8 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
         p.requires_grad_(n in names)
     trainable = [named[n] for n in names]
     dst = DST([(n, named[n]) for n in names], epsilon=o.epsilon, params=o.params, silo=o.silo,
-              distance=o.distance, reselect_every=o.reselect_every)
-    opt = _optimizer(o.optimizer, trainable, o.lr, o.weight_decay)
+              distance=o.distance, reselect_every=o.reselect_every, seed="none")
+    opts = _optimizers(o.optimizer, {n: named[n] for n in names if n not in dst.frozen}, o.lr, o.weight_decay)
 
     if o.steps is not None:
         steps = o.steps
@@ -223,40 +284,103 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
         steps = max(1, math.ceil(o.epochs * len(train_rows) / (o.batch_size * o.grad_accum)))
     else:
         steps = DEFAULT_STEPS
-    base_metrics = evaluate(model, eval_rows, device, amp) if eval_rows else {}
-    metrics_file = open(o.metrics, "w") if o.metrics else None
     order: list[int] = []
+    first = 1
+    if st is not None:
+        if st.info.get("data") != data_digest:
+            raise DstError(f"{data_path} is not the dataset the saved run trained on: resume with the same file")
+        if set(st.kept) != set(names):
+            raise DstError(f"the saved run trained other tensors than {base_dir} offers: resume on the same base")
+        dst.restore(st.kept, st.step, st.values)
+        for n, opt in opts.items():
+            if n in st.optim:
+                opt.load_state_dict({"state": {0: st.optim[n]}, "param_groups": opt.state_dict()["param_groups"]})
+        torch.set_rng_state(st.rng["torch"])
+        gen.set_state(st.rng["data"])
+        if "cuda" in st.rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(st.rng["cuda"])
+        order, first = st.order, st.step + 1
+        base_metrics = st.info.get("base_metrics", {})
+    else:
+        base_metrics = evaluate(model, eval_rows, device, amp) if eval_rows else {}
+    last = st.info.get("metrics", base_metrics) if st else base_metrics
+
+    def save(step: int) -> None:
+        rng = {"torch": torch.get_rng_state(), "data": gen.get_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_state(state_dir, step=step, options=asdict(o), changes=_changes(dst, ckpt, names),
+                   kept={n: (k.idx, named[n].detach().reshape(-1)[k.idx]) for n, k in dst.kept.items()},
+                   optimizers=opts, rng=rng, order=order,
+                   info={"data": data_digest, "base_metrics": base_metrics, "metrics": last},
+                   base_params=ckpt.numel)
+
+    stop: list[int] = []
+
+    def on_signal(signum, frame) -> None:  # first signal: finish the step, save, stop; second: now
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, on_signal)
+    metrics_file = open(o.metrics, "a" if st else "w") if o.metrics else None
     t0 = time.time()
-    last = base_metrics
+    bad_run = 0
     try:
-        for step in range(1, steps + 1):
+        for step in range(first, steps + 1):
             lr = o.lr * min(1.0, step / max(1, o.warmup)) * (0.5 * (1 + math.cos(math.pi * (step - 1) / steps)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            tokens, loss_sum = 0, 0.0
+            for opt in opts.values():
+                for g in opt.param_groups:
+                    g["lr"] = lr
+            tokens, loss_sum, bad = 0, 0.0, None
             for _ in range(o.grad_accum):
                 if len(order) < o.batch_size:
                     order += torch.randperm(len(train_rows), generator=gen).tolist()
                 batch = [train_rows[i] for i in order[:o.batch_size]]
                 del order[:o.batch_size]
                 x, y = collate(batch, device)
+                if bad:
+                    continue  # keep the data position as if the step had run
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
                 if not torch.isfinite(loss):
-                    raise DstError(f"loss became {loss.item()} at step {step}: lower --lr (now {o.lr}) "
-                                   "or use --dtype float32")
+                    bad = f"loss {loss.item()}"
+                    continue
                 (loss / o.grad_accum).backward()
                 loss_sum += loss.item() / o.grad_accum
                 tokens += x.numel()
-            if o.clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, o.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            stats = dst.project()
+            if bad is None:
+                norm = torch.nn.utils.clip_grad_norm_(trainable, o.clip if o.clip > 0 else math.inf)
+                if not torch.isfinite(norm):
+                    bad = f"gradient norm {norm.item()}"
+            if bad:
+                model.zero_grad(set_to_none=True)
+                bad_run += 1
+                record = {"step": step, "steps": steps, "skipped": bad, "bad_in_a_row": bad_run}
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                if on_step:
+                    on_step(record)
+                if bad_run >= o.max_bad_steps:
+                    save(step)
+                    raise DstError(f"{bad} at step {step}, {bad_run} steps in a row were skipped: the run "
+                                   f"stopped and its last good state is in {state_dir}; lower --lr (now "
+                                   f"{o.lr}) or use --dtype float32 and train again")
+                continue
+            bad_run = 0
+            stats = dst.step(opts)  # each tensor: its optimizer step, then its projection
+            model.zero_grad(set_to_none=True)
+            if dst.nonfinite():
+                raise DstError(f"parameters became NaN or infinite at step {step}: lower --lr (now {o.lr}) "
+                               "or use --dtype float32" + (f"; the last saved state is in {state_dir}"
+                                                           if state_dir.exists() else ""))
             record = {"step": step, "steps": steps, "loss": loss_sum, "lr": lr, "nonseed": stats.nonseed,
                       "entered": stats.entered, "left": stats.left,
-                      "tokens_per_s": tokens * step / max(time.time() - t0, 1e-9)}
+                      "tokens_per_s": tokens * (step - first + 1) / max(time.time() - t0, 1e-9)}
             if eval_rows and ((o.eval_every and step % o.eval_every == 0) or step == steps):
                 last = evaluate(model, eval_rows, device, amp)
                 record.update({f"eval_{k}": v for k, v in last.items()})
@@ -265,24 +389,29 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
                 metrics_file.flush()
             if on_step:
                 on_step(record)
+            if stop and step < steps:
+                save(step)
+                raise Stopped(f"stopped at step {step} of {steps}; the state is saved in {state_dir}: "
+                              f"continue with `dstcli train --resume {state_dir}`")
+            if o.save_every and step % o.save_every == 0 and step < steps:
+                save(step)
     finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
         if metrics_file:
             metrics_file.close()
     seconds = time.time() - t0
 
-    changes = dst.changes()
-    for name in ckpt.tensors:  # tensors not trained are listed as unchanged
-        if name not in names and ckpt.tensors[name].patchable:
-            t = ckpt.read(name)
-            changes.append(Change.between(name, t, t))
-    run = {"command": "train", "config": {k: v for k, v in asdict(o).items() if k != "overwrite"},
+    run = {"command": "train", "config": {k: v for k, v in asdict(o).items() if k not in _NEUTRAL},
            "base": str(base_dir), "data": str(data_path), "eval": str(eval_path) if eval_path else None,
-           "steps": steps, "seconds": round(seconds, 2), "base_metrics": base_metrics, "metrics": last,
+           "steps": steps, "base_metrics": base_metrics, "metrics": last,
            "torch": torch.__version__, "python": sys.version.split()[0]}
     budget = {"epsilon": o.epsilon, "params": o.params, "silo": o.silo, "distance": o.distance,
               "total": dst.budget, "trainable_params": sum(p.numel() for p in trainable),
               "reselect_every": o.reselect_every}
-    header = save_patch(out, changes, run=run, budget=budget, base_params=ckpt.numel)
+    header = save_patch(out, _changes(dst, ckpt, names), run=run, budget=budget, base_params=ckpt.numel)
+    if state_step(state_dir) is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)  # finished: the patch is the result
     per_tensor = sorted(((n, e["changed"], e.get("silo", {}).get("budget", 0)) for n, e in header["tensors"].items()),
                         key=lambda r: -r[1])
     return TrainResult(out, out.stat().st_size, steps, seconds, base_metrics, last, dst.budget,

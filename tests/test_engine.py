@@ -29,24 +29,34 @@ def batches(n):
 @pytest.mark.parametrize("dist", ["absolute", "relative", "inverse-relative"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reselect", [1, 3, None])
-def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect):
+@pytest.mark.parametrize("mode", ["lean", "copy", "mapped"])
+def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect, mode):
+    """The fast engine against the plain full-sort oracle, step after step. `lean` steps one
+    AdamW per tensor and keeps no seed; the reference steps one AdamW over all tensors."""
     eps = 0.1
     model = Tiny(dtype)
     names = ["a", "b", "c"]
     seeds = [getattr(model, n).detach().clone() for n in names]
-    dst = DST([(n, getattr(model, n)) for n in names], epsilon=eps, silo=silo, distance=dist, reselect_every=reselect)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    seed = {"lean": "none", "copy": "copy", "mapped": {n: s.clone() for n, s in zip(names, seeds)}}[mode]
+    dst = DST([(n, getattr(model, n)) for n in names], epsilon=eps, silo=silo, distance=dist,
+              reselect_every=reselect, seed=seed)
+    ref_model = Tiny(dtype)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=0.05)
+    opts = {n: torch.optim.AdamW([getattr(model, n)], lr=0.05) for n in names}
     ref_mask = None
     for step, x in enumerate(batches(7), 1):
-        opt.zero_grad()
+        for o in (*opts.values(), ref_opt):
+            o.zero_grad()
         model.loss(x).backward()
-        opt.step()
-        cand = [getattr(model, n).detach().clone() for n in names]
-        stats = dst.project()
+        ref_model.loss(x).backward()
+        ref_opt.step()
+        cand = [getattr(ref_model, n).detach().clone() for n in names]
+        stats = dst.step(opts) if mode == "lean" else (opts["a"].step(), opts["b"].step(), opts["c"].step(), dst.project())[-1]
         due = step == 1 if reselect is None else (step - 1) % reselect == 0
         want, mask = ref_project(cand, seeds, epsilon=eps, silo=silo, distance=dist, mask=None if due else ref_mask)
         ref_mask = mask
         for n, w, s, m in zip(names, want, seeds, mask):
+            getattr(ref_model, n).data.copy_(w)
             p = getattr(model, n).detach()
             assert torch.equal(bits_view(p), bits_view(w)), (n, step)
             # every reset entry equals the seed bit for bit
@@ -107,6 +117,35 @@ def test_epsilon_one_is_plain_fine_tuning():
         dst.project()
         for p1, p2 in zip(m1.parameters(), m2.parameters()):
             assert torch.equal(p1, p2)
+
+
+def test_lean_engine_holds_no_seed_copy_and_skips_frozen_tensors():
+    model = Tiny()
+    dst = DST(model.named_parameters(), epsilon=0.05, seed="none")  # b (10 entries) has budget 0
+    assert dst.seed is None and dst.frozen == {"b"}
+    opts = {n: torch.optim.SGD([p], lr=0.1) for n, p in model.named_parameters() if n != "b"}
+    b0 = model.b.detach().clone()
+    for x in batches(3):
+        model.zero_grad()
+        model.loss(x).backward()
+        stats = dst.step(opts)
+        assert stats.nonseed == sum(len(k.idx) for k in dst.kept.values()) <= dst.budget
+    assert torch.equal(model.b, b0)
+    with pytest.raises(DstError, match="call step"):
+        dst.project()
+    with pytest.raises(DstError, match="no optimizer for 'a'"):
+        dst.step({})
+
+
+def test_seed_mapping_must_match_the_parameters():
+    model = Tiny()
+    seeds = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seeds["a"][0, 0] += 1
+    with pytest.raises(DstError, match="'a' does not start at its seed"):
+        DST(model.named_parameters(), epsilon=0.1, seed=seeds)
+    del seeds["a"]
+    with pytest.raises(DstError, match="seed tensor 'a' is missing"):
+        DST(model.named_parameters(), epsilon=0.1, seed=seeds)
 
 
 def test_budget_that_rounds_to_zero_is_an_error():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dstcli.select import GlobalTopK, distance, topk_mask
+from dstcli.select import GlobalTopK, distance, top_indices, topk_mask
 from dstcli.silos import allocate, budget_total
 from reference import ref_distance, ref_keep
 
@@ -64,10 +64,10 @@ def test_budgets_epsilon_exact_decimal_and_params_total():
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "sorted", "periodic", "zeros"])
-@pytest.mark.parametrize("k", [1, 7, 1000, 40_000])
-def test_sampled_threshold_is_exact_on_large_silos(kind, k):
-    from dstcli.select import kth_largest
+@pytest.mark.parametrize("k", [1, 7, 1000, 40_000, "10%", "50%"])
+def test_sampled_selection_is_exact_on_large_silos(kind, k):
     m = (1 << 20) + 12345
+    k = {"10%": m // 10, "50%": m // 2}.get(k, k)
     g = torch.Generator().manual_seed(k)
     if kind == "normal":
         d = torch.randn(m, generator=g).abs()
@@ -81,10 +81,22 @@ def test_sampled_threshold_is_exact_on_large_silos(kind, k):
     else:
         d = torch.zeros(m)
         d[torch.randint(0, m, (k // 2 + 1,), generator=g)] = 1.0
-    assert kth_largest(d, k) == torch.sort(d, descending=True).values[k - 1]
     mask = topk_mask(d.view(1, -1), k)[0]
     _, idx = torch.sort(d, descending=True, stable=True)  # stable: among ties the lower index first
     want = torch.zeros(m, dtype=torch.bool)
     want[idx[:k]] = True
     want &= d > 0
     assert torch.equal(mask, want)
+    got = top_indices(d.double() if k == 7 else d, k)  # float64 distances take the same path
+    assert torch.equal(got, torch.nonzero(want).reshape(-1))
+
+
+@given(st.integers(1 << 17, 1 << 18), st.floats(1e-6, 0.6), st.integers(0, 3), st.integers(0, 10_000))
+@settings(max_examples=25, deadline=None)
+def test_top_indices_on_the_sampled_path_matches_a_stable_sort(m, frac, levels, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(0, levels + 2, (m,), generator=g).float() if levels else torch.rand(m, generator=g)
+    k = max(1, int(frac * m))
+    _, idx = torch.sort(d, descending=True, stable=True)
+    want = torch.sort(idx[:k][d[idx[:k]] > 0]).values
+    assert torch.equal(top_indices(d, k), want)

@@ -1,0 +1,202 @@
+"""Training-step time and memory of DST against full fine-tuning, side by side in one run.
+
+    python benchmarks/step_overhead.py                          # bundled model and a 25M model, CPU
+    python benchmarks/step_overhead.py --models 25m --eps 1e-3 --silos tensor
+    python benchmarks/step_overhead.py --device cuda --models 1.3b --batch 8 --seq 512
+
+Per configuration (model, epsilon, silo) it times, interleaved round by round on the same inputs:
+  full    one AdamW over all parameters: forward, backward, step (plain fine-tuning);
+  dst     what `dstcli train` runs: one AdamW per tensor, each tensor projected right after its
+          own update by dstcli's engine (no copy of the seed);
+  obvious the textbook projection after one AdamW step: a full fp32 copy of the seed, distance,
+          torch.topk per silo, torch.where (the baseline the lean engine replaces).
+Each step = forward + backward + optimizer + projection, median over the timed rounds. Peak memory:
+on CPU each mode runs alone in a child process and reports its peak RSS; on CUDA,
+torch.cuda.max_memory_allocated per mode. Weights are float32 unless --weights bf16; autocast
+bf16 on CUDA (as `dstcli train` does there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+from dstcli.engine import DST
+from dstcli.errors import DstError
+from dstcli.model import GPT, GPTConfig
+from dstcli.silos import allocate, silo_rows
+
+MODELS = {
+    "tiny": GPTConfig(),  # the bundled samples/tiny-gpt architecture, 1.36M parameters
+    "25m": GPTConfig(block_size=128, n_layer=8, n_head=8, n_embd=512),
+    "1.3b": GPTConfig(block_size=512, n_layer=24, n_head=16, n_embd=2048),
+}
+MODES = ("full", "dst", "obvious")
+
+
+class Obvious:
+    """The obvious projection: full fp32 seed copy, distance, torch.topk per silo, torch.where."""
+
+    def __init__(self, named: dict[str, torch.nn.Parameter], eps: float, silo: str):
+        self.named = named
+        self.seed = {n: p.detach().float().clone() for n, p in named.items()}
+        self.alloc = allocate({n: tuple(p.shape) for n, p in named.items()}, silo, epsilon=eps)
+        self.silo = silo
+
+    @torch.no_grad()
+    def project(self) -> None:
+        ds = {n: (p.detach().float() - self.seed[n]).abs_() for n, p in self.named.items()}
+        masks = {}
+        if self.silo == "global":
+            flat = torch.cat([d.view(-1) for d in ds.values()])
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[torch.topk(flat, self.alloc, sorted=False).indices] = True
+            at = 0
+            for n, d in ds.items():
+                masks[n] = keep[at:at + d.numel()].view(d.shape)
+                at += d.numel()
+        else:
+            for n, d in ds.items():
+                rows = d.view(silo_rows(tuple(d.shape), self.silo), -1)
+                k = int(self.alloc[n].max())
+                keep = torch.zeros_like(rows, dtype=torch.bool)
+                if k:
+                    keep.scatter_(1, torch.topk(rows, k, dim=1, sorted=False).indices, True)
+                masks[n] = keep.view(d.shape)
+        for n, p in self.named.items():
+            p.copy_(torch.where(masks[n], p, self.seed[n].to(p.dtype)))
+
+
+class Runner:
+    def __init__(self, mode: str, cfg: GPTConfig, eps: float, silo: str, device: torch.device, weights: torch.dtype):
+        torch.manual_seed(0)
+        self.model = GPT(cfg).to(device=device, dtype=weights)
+        self.mode, self.device = mode, device
+        self.amp = torch.bfloat16 if device.type == "cuda" else None
+        named = dict(self.model.named_parameters())
+        if mode == "dst":
+            self.dst = DST(named.items(), epsilon=eps, silo=silo, seed="none")
+            self.opts = {n: torch.optim.AdamW([p], lr=1e-3) for n, p in named.items() if n not in self.dst.frozen}
+        else:
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+            self.obvious = Obvious(named, eps, silo) if mode == "obvious" else None
+
+    def step(self, x: torch.Tensor) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(x[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        if self.mode == "dst":
+            self.dst.step(self.opts)
+        else:
+            self.opt.step()
+            if self.obvious:
+                self.obvious.project()
+        self.model.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+
+def batches(cfg: GPTConfig, args, device: torch.device, n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device) for _ in range(n)]
+
+
+def child(args) -> None:
+    """One mode alone for --steps steps; prints its peak memory (the parent's memory column)."""
+    device = torch.device(args.device)
+    cfg = MODELS[args.models[0]]
+    weights = torch.bfloat16 if args.weights == "bf16" else torch.float32
+    r = Runner(args.child, cfg, args.eps[0], args.silos[0], device, weights)
+    for x in batches(cfg, args, device, args.steps):
+        r.step(x)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_memory_mb(mode: str, model: str, eps: float, silo: str, args) -> float:
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cfg = MODELS[model]
+        r = Runner(mode, cfg, eps, silo, torch.device("cuda"), torch.bfloat16 if args.weights == "bf16" else torch.float32)
+        for x in batches(cfg, args, torch.device("cuda"), 3):
+            r.step(x)
+        del r
+        return torch.cuda.max_memory_allocated() / 2**20
+    cmd = [sys.executable, __file__, "--child", mode, "--models", model, "--eps", str(eps), "--silos", silo,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", "3", "--device", args.device,
+           "--weights", args.weights]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["tiny", "25m"], choices=list(MODELS))
+    ap.add_argument("--eps", type=float, nargs="+", default=[1e-6, 1e-4, 1e-3, 1e-2, 1e-1])
+    ap.add_argument("--silos", nargs="+", default=["tensor", "row", "global"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=8, help="timed rounds per configuration (after 2 warm-up)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--weights", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--no-obvious", action="store_true", help="skip the obvious projection (saves memory)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    device = torch.device(args.device)
+    weights = torch.bfloat16 if args.weights == "bf16" else torch.float32
+    modes = [m for m in MODES if not (args.no_obvious and m == "obvious")]
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {dev}, torch {torch.__version__}, batch {args.batch}x{args.seq} tokens, {args.weights} weights, "
+          f"median of {args.steps} interleaved steps")
+    print("| model | params | epsilon | silo | full ms | dst ms | obvious ms | dst / full | obvious / full |"
+          + ("" if args.no_memory else " full MB | dst MB | obvious MB |"))
+    print("|---|---|---|---|---|---|---|---|---|" + ("" if args.no_memory else "---|---|---|"))
+    for model in args.models:
+        cfg = MODELS[model]
+        for silo in args.silos:
+            for eps in args.eps:
+                try:
+                    runners = {m: Runner(m, cfg, eps, silo, device, weights) for m in modes}
+                except DstError as e:  # e.g. row silos at epsilon 1e-6: every budget is zero
+                    print(f"| {model} | | {eps:g} | {silo} | {e} |||||")
+                    continue
+                n = sum(p.numel() for p in runners["full"].model.parameters())
+                xs = batches(cfg, args, device, args.steps + 2)
+                times = {m: [] for m in modes}
+                for i, x in enumerate(xs):
+                    for m in (modes if i % 2 == 0 else modes[::-1]):  # alternate the order
+                        t = runners[m].step(x)
+                        if i >= 2:
+                            times[m].append(t)
+                del runners
+                med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
+                ob = med.get("obvious", float("nan"))
+                row = (f"| {model} | {n / 1e6:.2f}M | {eps:g} | {silo} | {med['full']:.1f} | {med['dst']:.1f} | "
+                       f"{ob:.1f} | {med['dst'] / med['full']:.3f} | {ob / med['full']:.3f} |")
+                if not args.no_memory:
+                    mem = {m: peak_memory_mb(m, model, eps, silo, args) for m in modes}
+                    row += " " + " | ".join(f"{mem.get(m, float('nan')):.0f}" for m in MODES) + " |"
+                print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

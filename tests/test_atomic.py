@@ -1,0 +1,151 @@
+"""Outputs are atomic: a failed or killed write leaves no file or the previous one, never a part."""
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dstcli.ops as ops_mod
+import dstcli.patchfile as patchfile_mod
+import dstcli.resume as resume_mod
+from dstcli import ops
+from dstcli.errors import DstError
+from dstcli.patchfile import Patch
+from dstcli.train import TrainOptions, train
+
+
+class FullDisk:
+    """A file object that accepts `budget` bytes, then fails the way a full disk does."""
+
+    def __init__(self, f, budget):
+        self.f, self.budget = f, budget
+
+    def write(self, data):
+        if self.budget < len(data):
+            self.f.write(bytes(memoryview(data)[:max(self.budget, 0)]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def full_disk_open(budget):
+    def fake_open(path, mode="r", *a, **kw):
+        f = open(path, mode, *a, **kw)
+        return FullDisk(f, budget) if any(c in mode for c in "wa+") else f
+    return fake_open
+
+
+def leftovers(d):
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("fraction", [0, 0.5, 0.999])
+def test_full_disk_while_writing_a_patch(tmp_path, pair, monkeypatch, fraction):
+    base, ft, _, _ = pair
+    ops.diff(base, ft, tmp_path / "sized.dst")
+    budget = int(fraction * (tmp_path / "sized.dst").stat().st_size)  # the disk fills this far in
+    (tmp_path / "p.dst").write_bytes(b"the previous patch")
+    monkeypatch.setattr(patchfile_mod, "open", full_disk_open(budget), raising=False)
+    with pytest.raises(DstError, match=r"cannot write .*p\.dst: No space left on device; check free space"):
+        ops.diff(base, ft, tmp_path / "p.dst", overwrite=True)
+    assert (tmp_path / "p.dst").read_bytes() == b"the previous patch"  # the old file is intact
+    assert leftovers(tmp_path) == []
+
+
+def test_full_disk_while_applying(tmp_path, pair, monkeypatch):
+    base, ft, _, _ = pair
+    ops.diff(base, ft, tmp_path / "p.dst")
+    before = hashlib.sha256(base.read_bytes()).hexdigest()
+    monkeypatch.setattr(ops_mod, "open", full_disk_open(64), raising=False)
+    with pytest.raises(DstError, match="No space left on device"):
+        ops.apply(base, [tmp_path / "p.dst"], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists() and leftovers(tmp_path) == []
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == before  # inputs are never written
+
+
+def test_full_disk_while_saving_training_state(tmp_path, monkeypatch):
+    real = resume_mod.save_file
+
+    def failing(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(resume_mod, "save_file", failing)
+    with pytest.raises(DstError, match="No space left on device"):
+        train(TrainOptions(output=str(tmp_path / "p.dst"), steps=4, save_every=2, batch_size=4, seq_len=32,
+                           epsilon=1e-2))
+    state = tmp_path / "p.dst.state"
+    assert not (tmp_path / "p.dst").exists() and not (state / "state.safetensors").exists()
+    assert leftovers(state) == []
+
+
+def test_unwritable_targets_are_clear_errors(tmp_path, pair):
+    base, ft, _, _ = pair
+    with pytest.raises(DstError, match="does not exist: create it first"):
+        ops.diff(base, ft, tmp_path / "no" / "such" / "dir" / "p.dst")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DstError):
+        ops.diff(base, ft, tmp_path / "file" / "p.dst")
+    with pytest.raises(DstError, match="would overwrite the input"):
+        ops.diff(base, ft, base, overwrite=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["apply", "diff"])
+def test_killing_a_write_leaves_no_partial_output(tmp_path, command):
+    """SIGKILL a real dstcli at many moments while it writes ~200 MB: the output is absent or whole."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(1024, 4096, generator=g) for i in range(12)}  # 192 MiB
+    ft = {k: v.clone() for k, v in base.items()}
+    for v in ft.values():
+        v.view(-1)[::997] += 1
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    ops.diff(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", tmp_path / "p.dst")
+    digest = {n: hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("base.safetensors", "ft.safetensors")}
+    out = tmp_path / ("out.safetensors" if command == "apply" else "out.dst")
+    args = {"apply": ["apply", "base.safetensors", "p.dst", "-o", out.name],
+            "diff": ["diff", "base.safetensors", "ft.safetensors", "-o", out.name]}[command]
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "dstcli", *args], cwd=tmp_path, check=True, capture_output=True)
+    full = time.time() - t0
+    out.unlink()
+    outcomes = {"absent": 0, "whole": 0}
+    for i in range(8):
+        proc = subprocess.Popen([sys.executable, "-m", "dstcli", *args], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(full * (i + 0.5) / 8)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            if command == "apply":
+                got = load_file(str(out))
+                assert all(torch.equal(got[k], ft[k]) for k in ft)
+            else:  # the same patch (its run metadata names the inputs as given, so compare the tensors)
+                assert Patch(out).tensors == Patch(tmp_path / "p.dst").tensors
+            outcomes["whole"] += 1
+            out.unlink()
+        else:
+            outcomes["absent"] += 1
+    for n, h in digest.items():
+        assert hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() == h
+    print(f"\n{command}: {outcomes}")
+    assert outcomes["absent"] >= 1, outcomes  # at least one kill landed mid-write
