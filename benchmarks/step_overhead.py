@@ -11,7 +11,7 @@ Per configuration (model, epsilon, silo) it times, interleaved round by round on
   obvious the textbook projection after one AdamW step: a full fp32 copy of the seed, distance,
           torch.topk per silo, torch.where (the baseline the lean engine replaces).
 Each step = forward + backward + optimizer + projection, median over the timed rounds. Peak memory:
-on CPU each mode runs alone in a child process and reports its peak RSS; on CUDA,
+on CPU each mode runs alone in a child process for 3 steps and reports its peak RSS (VmHWM); on CUDA,
 torch.cuda.max_memory_allocated per mode. Weights are float32 unless --weights bf16; autocast
 bf16 on CUDA (as `dstcli train` does there).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -122,7 +121,9 @@ def child(args) -> None:
     r = Runner(args.child, cfg, args.eps[0], args.silos[0], device, weights)
     for x in batches(cfg, args, device, args.steps):
         r.step(x)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": hwm / 1024}))
 
 
 def peak_memory_mb(mode: str, model: str, eps: float, silo: str, args) -> float:

@@ -193,8 +193,9 @@ def _load_config_file(path: Path) -> dict:
 @app.command()
 def train(
     ctx: typer.Context,
-    base: Optional[str] = typer.Argument(None, help="Model directory, or a bundled sample name (default: tiny-gpt)."),
-    data: Optional[Path] = typer.Argument(None, help="JSONL of {text} or {prompt, completion} rows (default: bundled pytype task)."),
+    base: Optional[str] = typer.Argument(None, help="Model directory (dstcli-gpt or Hugging Face), or a bundled sample name (default: tiny-gpt)."),
+    data: Optional[Path] = typer.Argument(None, help="JSONL of {text}, {prompt, completion} or {messages} rows (default: bundled pytype task)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="A local Hugging Face model directory to train (needs dstcli[hf]); same as giving it as BASE."),
     output: Path = typer.Option(Path("dstcli-patch.dst"), "-o", "--output", help="Patch file to write."),
     epsilon: Optional[float] = typer.Option(None, help="Fraction of each silo that may differ from the seed (default 1e-3); larger adapts more, patch grows."),
     params: Optional[int] = typer.Option(None, help="Exact number of parameters that may differ, spread over silos by size (instead of --epsilon)."),
@@ -221,6 +222,7 @@ def train(
     metrics: Optional[Path] = typer.Option(None, help="Write one JSON line per step (loss, lr, changed, churn, eval) here."),
     config: Optional[Path] = typer.Option(None, help="TOML file whose keys are these options; flags given here win."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    gradient_checkpointing: bool = typer.Option(False, help="Hugging Face models: recompute activations in backward; less memory, ~30% slower."),
     save_every: int = typer.Option(0, help="Save a resumable state every N steps (a kill loses at most N); Ctrl-C always saves."),
     checkpoint_dir: Optional[Path] = typer.Option(None, help="Where the resumable state goes (default OUTPUT.state); removed when the run finishes."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run saved in this state directory, with its options."),
@@ -232,6 +234,16 @@ def train(
 
     values = dict(ctx.params)
     values["eval"] = values.pop("eval_file")  # the --eval option is named eval_file in the signature
+    if model is not None:  # `train --model DIR DATA`: the one positional given is DATA
+        if data is not None:
+            raise DstError("give the model either as BASE or with --model, not both")
+        if not (model / "config.json").is_file():
+            raise DstError(f"--model {model} is not a model directory (no config.json): pass a local Hugging "
+                           "Face model directory saved with save_pretrained")
+        from dstcli.hf import is_hf_dir
+        if not is_hf_dir(model):
+            raise DstError(f"--model {model} is not a Hugging Face model directory: pass it as BASE instead")
+        values["data"], values["base"] = values["base"], str(model)
     given = {"eval" if k == "eval_file" else k for k in ctx.params
              if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}  # typed by the user
     if config is not None:

@@ -1,7 +1,9 @@
-"""JSONL datasets for the byte-level sample model: `{"text"}` or `{"prompt", "completion"}` rows.
+"""JSONL datasets: `{"text"}`, `{"prompt", "completion"}` or `{"messages": [...]}` rows.
 
-Each example becomes (tokens, loss_mask): with prompt/completion rows the loss is on the
-completion only; text rows are cut into windows of seq_len + 1 bytes with loss everywhere.
+`read_rows` checks a file (errors name the line). For the byte-level sample model each row becomes
+(tokens, loss_mask): with prompt/completion and messages rows the loss is on the completion (the
+last, assistant message) only; text rows are cut into windows of seq_len + 1 bytes with loss
+everywhere. Hugging Face models tokenize the same rows in dstcli.hf.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ class Example:
     completion: str | None = None
 
 
-def read_jsonl(path: Path, seq_len: int) -> list[Example]:
-    """Read and check a dataset; errors name the file and line."""
+Row = tuple[int, dict]  # (line number, a checked row)
+
+
+def read_rows(path: Path) -> list[Row]:
+    """Read and check a dataset of text, prompt/completion or messages rows; errors name the line."""
     path = Path(path)
     if not path.is_file():
-        raise DstError(f"dataset {path} does not exist: pass a JSONL file of {{\"text\"}} or "
-                       "{\"prompt\", \"completion\"} rows")
-    out: list[Example] = []
+        raise DstError(f"dataset {path} does not exist: pass a JSONL file of {{\"text\"}}, "
+                       "{\"prompt\", \"completion\"} or {\"messages\"} rows")
+    rows: list[Row] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -40,25 +45,55 @@ def read_jsonl(path: Path, seq_len: int) -> list[Example]:
             except ValueError as e:
                 raise DstError(f"{path}:{lineno}: not valid JSON ({e}): fix or remove the line") from e
             if isinstance(row, dict) and isinstance(row.get("text"), str):
-                toks = encode(row["text"])
-                for s in range(0, max(1, len(toks) - 1), seq_len):
-                    w = toks[s:s + seq_len + 1]
-                    if len(w) >= 2:
-                        out.append(Example(w, [True] * len(w)))
+                pass
             elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-                p, c = encode(row["prompt"]), encode(row["completion"])
-                if not c:
+                if not row["completion"]:
                     raise DstError(f"{path}:{lineno}: empty completion: every row needs something to learn")
-                toks = (p + c)[-(seq_len + 1):]
-                mask = ([False] * len(p) + [True] * len(c))[-(seq_len + 1):]
-                out.append(Example(toks, mask, row["prompt"], row["completion"]))
+            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+                pass  # checked where it is rendered (the model's chat template)
             else:
-                raise DstError(f"{path}:{lineno}: expected an object with \"text\" or with \"prompt\" and "
-                               "\"completion\" strings")
-    if not out:
+                raise DstError(f"{path}:{lineno}: expected an object with \"text\", with \"prompt\" and "
+                               "\"completion\" strings, or with \"messages\"")
+            rows.append((lineno, row))
+    if not rows:
         raise DstError(f"dataset {path} has no examples: add rows of {{\"text\": ...}} or "
                        "{\"prompt\": ..., \"completion\": ...}")
+    return rows
+
+
+def byte_examples(rows: list[Row], seq_len: int, path: Path) -> list[Example]:
+    """Rows as byte-level examples for the bundled GPT (messages as `role: content` lines)."""
+    out: list[Example] = []
+    for lineno, row in rows:
+        if "text" in row:
+            toks = encode(row["text"])
+            for s in range(0, max(1, len(toks) - 1), seq_len):
+                w = toks[s:s + seq_len + 1]
+                if len(w) >= 2:
+                    out.append(Example(w, [True] * len(w)))
+            continue
+        if "messages" in row:
+            msgs = row["messages"]
+            if not (msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)
+                    and msgs[-1].get("role") == "assistant"):
+                raise DstError(f"{path}:{lineno}: \"messages\" must be {{\"role\", \"content\"}} objects "
+                               "ending with the assistant's reply")
+            prompt = "".join(f"{m.get('role')}: {m['content']}\n" for m in msgs[:-1]) + "assistant: "
+            completion = msgs[-1]["content"]
+        else:
+            prompt, completion = row["prompt"], row["completion"]
+        p, c = encode(prompt), encode(completion)
+        toks = (p + c)[-(seq_len + 1):]
+        mask = ([False] * len(p) + [True] * len(c))[-(seq_len + 1):]
+        out.append(Example(toks, mask, prompt, completion))
+    if not out:
+        raise DstError(f"dataset {path} has no examples long enough to learn from")
     return out
+
+
+def read_jsonl(path: Path, seq_len: int) -> list[Example]:
+    """Read, check and byte-encode a dataset for the bundled GPT."""
+    return byte_examples(read_rows(path), seq_len, Path(path))
 
 
 def collate(batch: list[Example], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ import torch
 from dstcli.codec import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
-from dstcli.select import DISTANCES, distance, top_indices, topk_mask
+from dstcli.select import DISTANCES, distance, positions_above, top_indices, topk_mask
 from dstcli.silos import allocate, budget_total, silo_rows
 
 
@@ -234,7 +234,7 @@ class DST:
         position, with their distances and seed values. Each tensor contributes at most its own
         top-K (nothing outside it can be in the global top-K), and only entries above the pool's
         running K-th largest distance once the pool has K (an entry equal to it has a later
-        position than K entries at least as far, so it loses the tie). When the pool passes 2K it
+        position than K entries at least as far, so it loses the tie). When the pool passes 4K it
         is cut back to its top-K, and the entries cut are reset to their seed values on the spot.
         """
         K = self.alloc
@@ -244,7 +244,9 @@ class DST:
             p = self.params[name].detach()
             seed = seed_of(name)
             d = distance(p, seed, self.distance).view(-1)
-            idx = top_indices(d, K)
+            idx = positions_above(d, floor, strict=True) if floor is not None else None
+            if idx is None or len(idx) > K:
+                idx = top_indices(d, K)
             vals = d[idx]
             del d
             if floor is not None:
@@ -253,7 +255,7 @@ class DST:
             self._reset_outside(name, seed, idx)
             pool.append((name, vals.to(torch.float64)))
             size += len(idx)
-            if size > 2 * K:
+            if size > 4 * K:
                 floor, size = self._cut_pool(pool, K), K
         if size > K:
             self._cut_pool(pool, K)
@@ -262,11 +264,12 @@ class DST:
         """Keep the pool's top-K (ties to the lower position), reset the rest; return the K-th
         largest distance."""
         all_d = torch.cat([v for _, v in pool])
+        chosen = top_indices(all_d, K)
         keep = torch.zeros(len(all_d), dtype=torch.bool, device=all_d.device)
-        keep[top_indices(all_d, K)] = True
-        ends = torch.tensor([len(v) for _, v in pool]).cumsum(0)
-        kept_upto = torch.cat([torch.zeros(1, dtype=torch.long), keep.cumsum(0).cpu()])[ends]
-        kept_each = torch.diff(kept_upto, prepend=torch.zeros(1, dtype=torch.long)).tolist()
+        keep[chosen] = True
+        ends = torch.tensor([len(v) for _, v in pool], device=chosen.device).cumsum(0)
+        owner = torch.searchsorted(ends, chosen, right=True)  # which pool segment each kept entry is in
+        kept_each = torch.bincount(owner, minlength=len(pool)).tolist()
         at = 0
         for i, (name, vals) in enumerate(pool):
             n = len(vals)

@@ -193,9 +193,20 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.(\d+)\.")
 
 
 def layer_of(name: str) -> str:
-    """'layer N' for names like model.layers.3.*, transformer.h.3.*, encoder.layer.3.*, else 'other'."""
+    """'layer N' for names like model.layers.3.*, transformer.h.3.*, BERT's encoder.layer.3.*;
+    'encoder layer N' / 'decoder layer N' in encoder-decoder models (T5's encoder.block.3.*,
+    decoder.block.3.*, BART's model.decoder.layers.3.*); else 'other'."""
     m = _LAYER.search(name)
-    return f"layer {int(m.group(1))}" if m else "other"
+    if not m:
+        return "other"
+    stack = re.search(r"(?:^|\.)(encoder|decoder)\.", name[:m.start() + 1])
+    bert = stack and stack.group(1) == "encoder" and m.group(0).lstrip(".").startswith("layer.")  # encoder-only
+    return f"{stack.group(1)} layer {int(m.group(1))}" if stack and not bert else f"layer {int(m.group(1))}"
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts layer 2 before layer 10 (and h.2 before h.10)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
 
 
 SORT_KEYS = ("name", "changed", "fraction", "delta_l2", "delta_max", "numel")
@@ -234,7 +245,7 @@ def inspect(patch_path: str | Path, *, sort: str = "name", top: int | None = Non
             del r["tensors"]
         table.append(r)
     num = lambda v: float(v) if not isinstance(v, str) else float("inf")
-    table.sort(key=(lambda r: r["name"]) if sort == "name" else (lambda r: (-num(r[sort]), r["name"])))
+    table.sort(key=(lambda r: _natural(r["name"])) if sort == "name" else (lambda r: (-num(r[sort]), _natural(r["name"]))))
     base_params = h.get("base_params") or 0
     return {"path": str(p.path), "format": h["format"], "format_version": h["format_version"],
             "producer": h.get("producer"), "patch_bytes": p.path.stat().st_size,

@@ -39,13 +39,15 @@ _FAST_MIN = 1 << 13  # below this, torch.topk is already cheap
 _SAMPLE = 1 << 16  # the largest sample; smaller silos sample 1 in 64 (at least 4,096 values)
 
 
-def _positions_at_least(flat: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """Ascending flat positions with flat >= lo, in one pass (NumPy's compare + flatnonzero on CPU
-    is ~2x torch's boolean indexing there; int64 positions, so silos past 2^31 entries are fine)."""
+def positions_above(flat: torch.Tensor, lo: torch.Tensor | float, *, strict: bool = False) -> torch.Tensor:
+    """Ascending flat positions with flat >= lo (flat > lo if strict), in one pass. On CPU NumPy's
+    compare + flatnonzero is ~2x torch's boolean indexing; positions are int64, so silos past 2^31
+    entries are fine."""
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         a = flat.numpy()
-        return torch.from_numpy(np.flatnonzero(a >= a.dtype.type(lo.item())))
-    return torch.nonzero(flat >= lo).reshape(-1)
+        v = a.dtype.type(float(lo))
+        return torch.from_numpy(np.flatnonzero(a > v if strict else a >= v))
+    return torch.nonzero(flat > lo if strict else flat >= lo).reshape(-1)
 
 
 def top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -64,13 +66,13 @@ def top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=flat.device)
     if k == m:
-        return torch.nonzero(flat > 0).reshape(-1)
+        return positions_above(flat, 0.0, strict=True)
     if m < _FAST_MIN:
         vals, idx = torch.topk(flat, k, sorted=False)
         tau = vals.min()
         if float(tau) > 0 and int((flat >= tau).sum()) == k:  # no ties at tau: the top-k is the set
             return torch.sort(idx).values
-        cand = _positions_at_least(flat, tau)
+        cand = positions_above(flat, tau)
         return _settle(cand, flat[cand], tau, k)
     stride = max(16, m // max(4096, min(_SAMPLE, m // 64))) | 1  # odd: no aliasing with power-of-2 rows
     sample = flat[::stride]
@@ -79,7 +81,7 @@ def top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
     margin = 4 * (expect * (1 - k / m)) ** 0.5 + 8
     j_lo, j_hi = min(s, int(expect + margin) + 1), int(expect - margin)
     ranked = torch.topk(sample, j_lo, sorted=True).values
-    cand = _positions_at_least(flat, ranked[-1])
+    cand = positions_above(flat, ranked[-1])
     if len(cand) >= k:
         vals = flat[cand]
         if j_hi < 1:
@@ -93,7 +95,7 @@ def top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
                    else torch.topk(inside, r, largest=False, sorted=False).values.max())
             return _settle(cand, vals, tau, k)
     tau = torch.topk(flat, k, sorted=False).values.min()  # the sample was fooled: rank everything
-    cand = _positions_at_least(flat, tau)
+    cand = positions_above(flat, tau)
     return _settle(cand, flat[cand], tau, k)
 
 

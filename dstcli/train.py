@@ -22,10 +22,12 @@ from typing import Any, Callable
 import torch
 from torch.nn import functional as F
 
-from dstcli.checkpoint import Checkpoint, check_output
-from dstcli.data import Example, collate, read_jsonl
+from dstcli.checkpoint import Checkpoint, check_output, dtype_name
+from dstcli.codec import bits_view
+from dstcli.data import Example, collate, read_jsonl, read_rows
 from dstcli.engine import DST
 from dstcli.errors import DstError
+from dstcli.hf import is_hf_dir
 from dstcli.model import GPT, encode, load_config
 from dstcli.patchfile import Change, save_patch
 from dstcli.resume import file_digest, load_state, save_state, state_step
@@ -77,6 +79,7 @@ class TrainOptions:
     dtype: str = "auto"
     metrics: str | None = None
     overwrite: bool = False
+    gradient_checkpointing: bool = False  # Hugging Face models: recompute activations, less memory
     save_every: int = 0  # save a resumable state every N steps (0: only on Ctrl-C / SIGTERM)
     checkpoint_dir: str | None = None  # where the state goes; default OUTPUT.state
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
@@ -98,6 +101,7 @@ class TrainResult:
     changed: int
     trainable: int
     per_tensor: list[tuple[str, int, int]]  # (name, changed, budget)
+    model: Any = None  # the trained model itself, for library callers
 
 
 def _validate(o: TrainOptions) -> None:
@@ -194,6 +198,88 @@ def evaluate(model: GPT, examples: list[Example], device: torch.device, amp: tor
     return metrics
 
 
+@dataclass
+class _Setup:
+    """What the loop needs from a model family: the model, its parameters by checkpoint key, the
+    examples, and how to batch them, score a batch and evaluate."""
+    model: torch.nn.Module
+    named: dict[str, torch.nn.Parameter]
+    train_rows: list
+    eval_rows: list | None
+    collate: Callable[[list, torch.device], tuple[dict[str, torch.Tensor], int]]
+    loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    evaluate: Callable[..., dict[str, float]]
+
+
+def _gpt_collate(batch: list[Example], device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+    x, y = collate(batch, device)
+    return {"x": x, "y": y}, x.numel()
+
+
+def _gpt_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(inputs["x"])
+    return F.cross_entropy(logits.float().flatten(0, 1), inputs["y"].flatten(), ignore_index=-100)
+
+
+def _gpt_setup(base_dir: Path, ckpt: Checkpoint, o: TrainOptions, data_path: Path, eval_path: Path | None,
+               device: torch.device) -> _Setup:
+    """The bundled byte-level GPT architecture (config.json with model_type dstcli-gpt)."""
+    if o.gradient_checkpointing:
+        raise DstError("--gradient-checkpointing is for Hugging Face models; the bundled GPT is small enough without")
+    cfg = load_config(base_dir if base_dir.is_dir() else base_dir.parent)
+    model = GPT(cfg)
+    state = {name: ckpt.read(name) for name in ckpt.tensors}
+    missing = set(model.state_dict()) ^ set(state)
+    if missing:
+        raise DstError(f"{base_dir} does not match its config.json: tensors {sorted(missing)[:5]} differ")
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+    o.seq_len = min(o.seq_len, cfg.block_size - 1)
+    return _Setup(model, dict(model.named_parameters()), read_jsonl(data_path, o.seq_len),
+                  read_jsonl(eval_path, o.seq_len) if eval_path else None, _gpt_collate, _gpt_loss, evaluate)
+
+
+def _hf_setup(base_dir: Path, ckpt: Checkpoint, o: TrainOptions, data_path: Path, eval_path: Path | None,
+              device: torch.device) -> _Setup:
+    """A Hugging Face model directory (see dstcli.hf): its own tokenizer, loss and safetensors keys."""
+    from dstcli import hf
+
+    hm = hf.load(base_dir, set(ckpt.tensors))
+    for key, p in hm.named.items():  # the seed must be the file's bits, or the patch would not apply
+        stored = ckpt.read(key)
+        if stored.dtype != p.dtype or stored.shape != p.shape or not torch.equal(
+                bits_view(stored), bits_view(p.detach().cpu().contiguous())):
+            raise DstError(f"transformers loaded {key!r} as something other than what {base_dir} stores "
+                           f"({dtype_name(p.dtype)}{list(p.shape)} vs {dtype_name(stored.dtype)}{list(stored.shape)}): "
+                           "save the model with save_pretrained in the dtype you train in")
+    if o.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+        enable = getattr(hm.model, "activation_checkpointing_enable", None) or hm.model.gradient_checkpointing_enable
+        enable()
+    model = hm.model.to(device)
+    model.train()
+    pad = hm.tokenizer.pad_token_id
+
+    def rows(path: Path) -> list:
+        return hf.encode_rows(read_rows(path), hm, o.seq_len, path)
+
+    def evaluate_hf(model, examples, device, amp, batch_size: int = 32) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        tot, count = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, len(examples), batch_size):
+                inputs, _ = hf.collate(examples[s:s + batch_size], pad, device)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    n = hf.label_count(inputs, hm.seq2seq)
+                    tot += hf.loss(model, inputs).item() * n
+                count += n
+        model.train(was)
+        return {"loss": tot / max(count, 1)}
+
+    return _Setup(model, hm.named, rows(data_path), rows(eval_path) if eval_path else None,
+                  lambda batch, dev: hf.collate(batch, pad, dev), hf.loss, evaluate_hf)
+
+
 class Stopped(DstError):
     """The run was stopped by Ctrl-C or SIGTERM after saving its state (not a failure)."""
 
@@ -253,26 +339,19 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     if amp == torch.float32:
         amp = None
 
-    cfg = load_config(base_dir if base_dir.is_dir() else base_dir.parent)
     ckpt = Checkpoint(base_dir)
-    model = GPT(cfg)
-    state = {name: ckpt.read(name) for name in ckpt.tensors}
-    missing = set(model.state_dict()) ^ set(state)
-    if missing:
-        raise DstError(f"{base_dir} does not match its config.json: tensors {sorted(missing)[:5]} differ")
-    model.load_state_dict(state, strict=True)
-    model.to(device)
-    o.seq_len = min(o.seq_len, cfg.block_size - 1)
-    train_rows = read_jsonl(data_path, o.seq_len)
-    eval_rows = read_jsonl(eval_path, o.seq_len) if eval_path else None
+    setup = (_hf_setup if is_hf_dir(base_dir) else _gpt_setup)(base_dir, ckpt, o, data_path, eval_path, device)
+    model, train_rows, eval_rows = setup.model, setup.train_rows, setup.eval_rows
     data_digest = file_digest(data_path)
 
     torch.manual_seed(o.seed)
     gen = torch.Generator().manual_seed(o.seed)
-    names = select_names([n for n, _ in model.named_parameters()], o.include, o.exclude)
-    named = dict(model.named_parameters())
-    for n, p in named.items():
-        p.requires_grad_(n in names)
+    named = setup.named  # checkpoint key -> parameter
+    names = select_names(list(named), o.include, o.exclude)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        named[n].requires_grad_(True)
     trainable = [named[n] for n in names]
     dst = DST([(n, named[n]) for n in names], epsilon=o.epsilon, params=o.params, silo=o.silo,
               distance=o.distance, reselect_every=o.reselect_every, seed="none")
@@ -302,7 +381,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
         order, first = st.order, st.step + 1
         base_metrics = st.info.get("base_metrics", {})
     else:
-        base_metrics = evaluate(model, eval_rows, device, amp) if eval_rows else {}
+        base_metrics = setup.evaluate(model, eval_rows, device, amp) if eval_rows else {}
     last = st.info.get("metrics", base_metrics) if st else base_metrics
 
     def save(step: int) -> None:
@@ -341,18 +420,17 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
                     order += torch.randperm(len(train_rows), generator=gen).tolist()
                 batch = [train_rows[i] for i in order[:o.batch_size]]
                 del order[:o.batch_size]
-                x, y = collate(batch, device)
                 if bad:
                     continue  # keep the data position as if the step had run
+                inputs, n_tokens = setup.collate(batch, device)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+                    loss = setup.loss(model, inputs)
                 if not torch.isfinite(loss):
                     bad = f"loss {loss.item()}"
                     continue
                 (loss / o.grad_accum).backward()
                 loss_sum += loss.item() / o.grad_accum
-                tokens += x.numel()
+                tokens += n_tokens
             if bad is None:
                 norm = torch.nn.utils.clip_grad_norm_(trainable, o.clip if o.clip > 0 else math.inf)
                 if not torch.isfinite(norm):
@@ -382,7 +460,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
                       "entered": stats.entered, "left": stats.left,
                       "tokens_per_s": tokens * (step - first + 1) / max(time.time() - t0, 1e-9)}
             if eval_rows and ((o.eval_every and step % o.eval_every == 0) or step == steps):
-                last = evaluate(model, eval_rows, device, amp)
+                last = setup.evaluate(model, eval_rows, device, amp)
                 record.update({f"eval_{k}": v for k, v in last.items()})
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
@@ -415,4 +493,4 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     per_tensor = sorted(((n, e["changed"], e.get("silo", {}).get("budget", 0)) for n, e in header["tensors"].items()),
                         key=lambda r: -r[1])
     return TrainResult(out, out.stat().st_size, steps, seconds, base_metrics, last, dst.budget,
-                       header["changed"], budget["trainable_params"], per_tensor)
+                       header["changed"], budget["trainable_params"], per_tensor, model)

@@ -153,3 +153,28 @@ def test_budget_that_rounds_to_zero_is_an_error():
         DST(Tiny().named_parameters(), epsilon=1e-4)
     with pytest.raises(DstError, match="out of range"):
         DST(Tiny().named_parameters(), epsilon=2.0)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.2])
+@pytest.mark.parametrize("ties", [False, True])
+def test_global_pool_with_many_tensors_matches_reference(eps, ties):
+    """Many tensors: the running pool is cut (and its floor used) several times in one step."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(40, 30), (7,), (50,), (30, 30), (3, 4, 5), (200,), (16, 16), (90,), (25, 8), (1,), (300,), (12, 12)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    names = [f"t{i}" for i in range(len(params))]
+    seeds = [p.detach().clone() for p in params]
+    dst = DST(list(zip(names, params)), epsilon=eps, silo="global", seed="none")
+    opts = {n: torch.optim.SGD([p], lr=0.1) for n, p in zip(names, params)}
+    for step in range(4):
+        for p in params:
+            grad = torch.randn(p.shape, generator=g)
+            p.grad = grad.round() if ties else grad  # rounded: many equal distances across tensors
+        cand = [p.detach().clone().add_(p.grad, alpha=-0.1) for p in params]  # what SGD will do
+        dst.step(opts)
+        want, _ = ref_project(cand, seeds, epsilon=eps, silo="global", distance="absolute")
+        for n, p, w in zip(names, params, want):
+            assert torch.equal(bits_view(p.detach()), bits_view(w)), (n, step)
+        # the engine's starting point for the next step is its own projected state
+        for p, w in zip(params, want):
+            p.data.copy_(w)

@@ -167,3 +167,18 @@ def test_ctrl_c_on_the_real_cli_saves_and_exits_130(tmp_path):
     line = err.strip().splitlines()[-1]
     assert line.startswith("Stopped: stopped at step ") and "--resume" in line
     assert load_state(tmp_path / "p.dst.state").step >= 3 and not (tmp_path / "p.dst").exists()
+
+
+def test_nan_gradients_are_skipped_like_nan_losses(tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def nan_norm_at_2(params, max_norm, *a, **kw):
+        calls["n"] += 1
+        norm = real(params, max_norm, *a, **kw)
+        return norm * float("nan") if calls["n"] == 2 else norm
+
+    monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", nan_norm_at_2)
+    records = []
+    train(opts(tmp_path, "g", data=_rows(tmp_path), steps=4), on_step=records.append)
+    assert [r.get("skipped") for r in records] == [None, "gradient norm nan", None, None]
