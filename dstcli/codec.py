@@ -7,10 +7,13 @@ Index codecs, for k strictly increasing positions in [0, n):
   ``(pos >> l) + i`` set for the i-th position (padded to a byte). Within a few percent of
   log2 C(n, k) for sparse sets.
 - ``bitmap``: n bits, bit i set iff position i changed (MSB-first within each byte).
+- ``rice`` (format 2): Golomb-Rice codes of the gaps between positions; ``varint`` (format 2):
+  LEB128 gaps. The writer keeps whichever codec's block is smallest after compression.
 
-Value codec ``xor-byteplanes``: the XOR of the new and old bit patterns of each changed entry in
-the tensor's own width (so it is exact and its own inverse), split into byte planes: plane j holds
-byte j (little-endian) of every entry. Each block is stored raw or zstd-compressed, whichever is
+Value codecs: the XOR of the new and old bit patterns of each changed entry in the tensor's own
+width (so it is exact and its own inverse), either split into byte planes (``xor-byteplanes``:
+plane j holds byte j, little-endian, of every entry) or entry after entry (``xor``, format 2);
+the writer keeps the smaller after compression, per tensor. Each block is stored raw or zstd-compressed, whichever is
 smaller. Every decoder checks what it is given and raises `DstError` on any inconsistency.
 """
 
@@ -68,21 +71,75 @@ def _unpack_fixed(data: bytes, k: int, width: int) -> np.ndarray:
     return out
 
 
+def _rice(idx: np.ndarray) -> tuple[dict, bytes]:
+    """Golomb-Rice codes of the gaps g_i = p_i - p_{i-1} - 1 (p_-1 = -1): the low r bits of every
+    gap packed MSB-first, then the high parts in unary (g >> r zeros, then a one) as one bit
+    vector of `high_bits` bits. Within ~2% of log2 C(n, k) for random positions at any density."""
+    k = len(idx)
+    g = np.diff(idx, prepend=-1) - 1
+    mean = max(1.0, float(g.mean()))
+    best = None
+    for r in range(max(0, int(np.log2(mean)) - 2), min(62, int(np.log2(mean)) + 3) + 1):
+        hb = int((g >> r).sum()) + k
+        size = (k * r + 7) // 8 + (hb + 7) // 8
+        if best is None or size < best[0]:
+            best = (size, r, hb)
+    _, r, hb = best
+    low = _pack_fixed(g & ((1 << r) - 1), r) if r else b""
+    high = np.zeros((hb + 7) // 8 * 8, dtype=np.uint8)
+    high[np.cumsum((g >> r) + 1) - 1] = 1
+    return {"r": r, "high_bits": hb}, low + np.packbits(high).tobytes()
+
+
+def _varint(idx: np.ndarray) -> tuple[dict, bytes]:
+    """LEB128 varints of the same gaps: 7 bits per byte, high bit set on all but a gap's last byte.
+    Loses to Rice on random positions but gives zstd byte-aligned runs to find in clustered ones."""
+    g = (np.diff(idx, prepend=-1) - 1).astype(np.uint64)
+    nbytes = np.ones(len(g), dtype=np.int64)
+    for j in range(1, 10):
+        nbytes += (g >> np.uint64(7 * j)) > 0
+    starts = np.cumsum(nbytes) - nbytes
+    out = np.empty(int(nbytes.sum()), dtype=np.uint8)
+    for j in range(int(nbytes.max())):
+        sel = nbytes > j
+        more = (nbytes[sel] - 1 > j).astype(np.uint64) << np.uint64(7)
+        out[starts[sel] + j] = (((g[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)) | more).astype(np.uint8)
+    return {"bytes": len(out)}, out.tobytes()
+
+
 def encode_index(idx: np.ndarray, n: int) -> tuple[str, dict, bytes]:
-    """Code sorted unique positions; returns (codec, params, raw bytes): the smaller of EF and bitmap."""
+    """Code sorted unique positions: returns (codec, params, raw bytes), the codec whose block is
+    smallest after compression among Golomb-Rice, Elias-Fano, gap varints and a bitmap."""
     k = len(idx)
     if k == n:
         return "all", {}, b""
-    l = ef_low_bits(n, k)
-    low_b, high_b = ef_sizes(n, k, l)
-    if (n + 7) // 8 < low_b + high_b:
+    if k == 0:
+        return "rice", {"r": 0, "high_bits": 0}, b""
+    cands = []
+    if (n + 7) // 8 <= 4 * k + 64:  # a bitmap only competes when changes are dense
         bitmap = np.zeros(n, dtype=np.uint8)
         bitmap[idx] = 1
-        return "bitmap", {}, np.packbits(bitmap).tobytes()
-    low = _pack_fixed(idx & ((1 << l) - 1), l) if l else b""
-    high = np.zeros(high_b * 8, dtype=np.uint8)
-    high[(idx >> l) + np.arange(k, dtype=np.int64)] = 1
-    return "elias-fano", {"l": l}, low + np.packbits(high).tobytes()
+        cands.append(("bitmap", {}, np.packbits(bitmap).tobytes()))
+    params, raw = _rice(idx)
+    cands.append(("rice", params, raw))
+    params, raw = _varint(idx)
+    cands.append(("varint", params, raw))
+    l = ef_low_bits(n, k)
+    low_b, high_b = ef_sizes(n, k, l)
+    if low_b + high_b <= len(cands[-2][2]) * 1.1:
+        low = _pack_fixed(idx & ((1 << l) - 1), l) if l else b""
+        high = np.zeros(high_b * 8, dtype=np.uint8)
+        high[(idx >> l) + np.arange(k, dtype=np.int64)] = 1
+        cands.append(("elias-fano", {"l": l}, low + np.packbits(high).tobytes()))
+    smallest = min(len(c[2]) for c in cands)
+    best = None
+    for codec, params, raw in cands:
+        if len(raw) > 2 * smallest + 64:  # raw far larger: compression will not make up for it
+            continue
+        size = len(compress(raw)[1])
+        if best is None or size < best[0]:
+            best = (size, codec, params, raw)
+    return best[1], best[2], best[3]
 
 
 def index_raw_size(codec: str, params: dict, n: int, k: int) -> int:
@@ -96,6 +153,16 @@ def index_raw_size(codec: str, params: dict, n: int, k: int) -> int:
         if type(l) is not int or not 0 <= l <= 64:
             raise DstError(f"Elias-Fano low-bit width {l!r} is invalid")
         return sum(ef_sizes(n, k, l))
+    if codec == "rice":
+        r, hb = params.get("r"), params.get("high_bits")
+        if type(r) is not int or not 0 <= r <= 62 or type(hb) is not int or not k <= hb <= k + (n >> r) + 1:
+            raise DstError(f"Golomb-Rice parameters r={r!r}, high_bits={hb!r} are invalid for {k} of {n}")
+        return (k * r + 7) // 8 + (hb + 7) // 8
+    if codec == "varint":
+        b = params.get("bytes")
+        if type(b) is not int or not k <= b <= 10 * k:
+            raise DstError(f"varint block size {b!r} is invalid for {k} positions")
+        return b
     raise DstError(f"unknown index codec {codec!r}: this patch needs a newer dstcli (pip install -U dstcli)")
 
 
@@ -109,6 +176,29 @@ def decode_index(codec: str, params: dict, raw: bytes, n: int, k: int) -> np.nda
         return np.arange(n, dtype=np.int64)
     if codec == "bitmap":
         idx = np.flatnonzero(np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n])
+    elif codec == "rice":
+        r, hb = params["r"], params["high_bits"]
+        low_b = (k * r + 7) // 8
+        ones = np.flatnonzero(np.unpackbits(np.frombuffer(raw[low_b:], dtype=np.uint8))[:hb])
+        if len(ones) != k or (k and ones[-1] != hb - 1):
+            raise DstError(f"index block holds {len(ones)} Rice codes, header says {k}")
+        gaps = (np.diff(ones, prepend=-1) - 1) << r
+        if r:
+            gaps |= _unpack_fixed(raw[:low_b], k, r)
+        idx = np.cumsum(gaps + 1) - 1
+    elif codec == "varint":
+        b = np.frombuffer(raw, dtype=np.uint8)
+        ends = np.flatnonzero(b < 0x80)
+        if len(ends) != k or (k and ends[-1] != len(b) - 1):
+            raise DstError(f"index block holds {len(ends)} varints, header says {k}")
+        starts = np.concatenate([[0], ends[:-1] + 1]) if k else ends
+        if k and int((ends - starts).max()) > 8:
+            raise DstError("index block holds a varint longer than 9 bytes")
+        shift = (np.arange(len(b)) - np.repeat(starts, ends - starts + 1)) * 7
+        gaps = np.bitwise_or.reduceat((b & 0x7F).astype(np.int64) << shift, starts) if k else starts
+        if k and bool((gaps < 0).any()):
+            raise DstError("index block holds a gap past 2^63")
+        idx = np.cumsum(gaps + 1) - 1
     else:
         l = params["l"]
         low_b, _ = ef_sizes(n, k, l)
@@ -126,21 +216,28 @@ def decode_index(codec: str, params: dict, raw: bytes, n: int, k: int) -> np.nda
 
 
 # --- value codec ------------------------------------------------------------------------------
-def encode_values(xor: torch.Tensor) -> bytes:
-    """Byte planes of the XOR bit patterns (k,) -> plane 0 of all entries, then plane 1, ..."""
+VALUE_CODECS = ("xor-byteplanes", "xor")
+
+
+def encode_values(xor: torch.Tensor, codec: str = "xor-byteplanes") -> bytes:
+    """XOR bit patterns (k,) as bytes: ``xor`` little-endian entry after entry; ``xor-byteplanes``
+    plane 0 (least significant byte) of all entries, then plane 1, ..."""
     width = xor.element_size()
-    return xor.contiguous().view(torch.uint8).reshape(-1, width).T.contiguous().numpy().tobytes()
+    raw = xor.contiguous().view(torch.uint8).reshape(-1, width)
+    return (raw if codec == "xor" else raw.T).contiguous().numpy().tobytes()
 
 
-def decode_values(raw: bytes, k: int, width: int) -> torch.Tensor:
+def decode_values(raw: bytes, k: int, width: int, codec: str = "xor-byteplanes") -> torch.Tensor:
     """Inverse of encode_values: (k,) integer tensor of the given byte width; never a zero XOR."""
+    if codec not in VALUE_CODECS:
+        raise DstError(f"unknown value codec {codec!r}: this patch needs a newer dstcli (pip install -U dstcli)")
     if len(raw) != k * width:
         raise DstError("value block has the wrong size")
     if k == 0:
         return torch.empty(0, dtype=INT_VIEW[width])
     planes = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    xor = planes.reshape(width, k).T.flatten().clone().view(INT_VIEW[width])
-    if k and bool((xor == 0).any()):
+    xor = (planes.reshape(k, width) if codec == "xor" else planes.reshape(width, k).T).flatten().clone().view(INT_VIEW[width])
+    if bool((xor == 0).any()):
         raise DstError("value block holds an entry that does not change anything")
     return xor
 

@@ -24,12 +24,15 @@ from safetensors import SafetensorError, safe_open
 
 from dstcli import __version__
 from dstcli.checkpoint import atomic_path, dtype_name
-from dstcli.codec import (INT_VIEW, bits_view, compress, decode_index, decode_values, decompress, encode_index,
-                          encode_values, index_raw_size)
+from dstcli.codec import (INT_VIEW, VALUE_CODECS, bits_view, compress, decode_index, decode_values, decompress,
+                          encode_index, encode_values, index_raw_size)
 from dstcli.errors import DstError
 
 FORMAT = "dstcli-patch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# what each format version may use: a v1 header naming a v2 codec is lying
+INDEX_CODECS = {1: ("all", "elias-fano", "bitmap"), 2: ("all", "elias-fano", "bitmap", "rice", "varint")}
+VALUE_CODECS_BY_VERSION = {1: ("xor-byteplanes",), 2: ("xor-byteplanes", "xor")}
 METADATA_KEY = "dstcli"
 DTYPES = {dtype_name(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                         torch.float8_e4m3fn, torch.float8_e5m2)}
@@ -119,8 +122,13 @@ def save_patch(path: str | os.PathLike, changes: list[Change], *, run: dict | No
             entry["index"] = {"codec": codec, **params, **meta}
             if stored:
                 blocks[f"{ch.name}::index"] = np.frombuffer(stored, dtype=np.uint8)
-            meta, stored = _block(encode_values(ch.xor))
-            entry["values"] = {"codec": "xor-byteplanes", **meta}
+            best = None
+            for codec in VALUE_CODECS:  # per tensor, whichever layout compresses better
+                meta, stored = _block(encode_values(ch.xor, codec))
+                if best is None or len(stored) < len(best[2]):
+                    best = (codec, meta, stored)
+            codec, meta, stored = best
+            entry["values"] = {"codec": codec, **meta}
             blocks[f"{ch.name}::values"] = np.frombuffer(stored, dtype=np.uint8)
         tensors[ch.name] = entry
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "producer": f"dstcli {__version__}",
@@ -211,9 +219,11 @@ class Patch:
                 if k:
                     width = DTYPES[e["dtype"]].itemsize
                     idx, val = e["index"], e["values"]
+                    if idx.get("codec") not in INDEX_CODECS[v]:
+                        raise self._bad(f"tensor {name!r}: index codec {idx.get('codec')!r} is not part of format {v}")
                     if idx["raw_bytes"] != index_raw_size(idx["codec"], idx, n, k):
                         raise self._bad(f"tensor {name!r}: index block size does not match its codec")
-                    if val.get("codec") != "xor-byteplanes" or val["raw_bytes"] != k * width:
+                    if val.get("codec") not in VALUE_CODECS_BY_VERSION[v] or val["raw_bytes"] != k * width:
                         raise self._bad(f"tensor {name!r}: value block does not match {k} entries")
                     for kind, b in (("index", idx), ("values", val)):
                         if (b.get("compression") not in ("none", "zstd") or not isinstance(b.get("crc32"), str)
@@ -262,7 +272,7 @@ class Patch:
             return np.empty(0, dtype=np.int64), torch.empty(0, dtype=INT_VIEW[width])
         try:
             idx = decode_index(e["index"]["codec"], e["index"], self._read_block(name, "index"), n, k)
-            xor = decode_values(self._read_block(name, "values"), k, width)
+            xor = decode_values(self._read_block(name, "values"), k, width, e["values"]["codec"])
         except DstError as ex:
             if str(ex).startswith(str(self.path)):
                 raise

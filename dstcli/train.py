@@ -232,6 +232,8 @@ def _gpt_setup(base_dir: Path, ckpt: Checkpoint, o: TrainOptions, data_path: Pat
     missing = set(model.state_dict()) ^ set(state)
     if missing:
         raise DstError(f"{base_dir} does not match its config.json: tensors {sorted(missing)[:5]} differ")
+    for name, p in model.named_parameters():  # weights keep the checkpoint's dtype (bf16 stays bf16)
+        p.data = p.data.to(state[name].dtype)
     model.load_state_dict(state, strict=True)
     model.to(device)
     o.seq_len = min(o.seq_len, cfg.block_size - 1)

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +219,57 @@ def test_headers_that_lie_are_refused(tmp_path, lie):
         ops.inspect(tmp_path / "bad.dst")
         ops.apply(tmp_path / "a.safetensors", [tmp_path / "bad.dst"], tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_format_1_patch_still_applies(tmp_path):
+    """tests/fixtures/v1.dst was written by dstcli 0.1.0 (format 1: Elias-Fano and bitmap indexes,
+    byte-plane values); today's reader must apply and revert it bit for bit."""
+    assert Patch(FIXTURES / "v1.dst").header["format_version"] == 1
+    ops.apply(FIXTURES / "v1-base.safetensors", [FIXTURES / "v1.dst"], tmp_path / "out.safetensors")
+    assert (tmp_path / "out.safetensors").read_bytes() == (FIXTURES / "v1-result.safetensors").read_bytes()
+    ops.apply(tmp_path / "out.safetensors", [FIXTURES / "v1.dst"], tmp_path / "back.safetensors", revert=True)
+    assert (tmp_path / "back.safetensors").read_bytes() == (FIXTURES / "v1-base.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("index_codec", ["elias-fano", "bitmap", "rice", "varint"])
+@pytest.mark.parametrize("value_codec", ["xor-byteplanes", "xor"])
+def test_every_codec_round_trips_the_same_data(tmp_path, monkeypatch, index_codec, value_codec):
+    """Force each codec on the same tensors (sparse, dense, clustered) and check the round trip."""
+    import dstcli.codec as codec_mod
+    import dstcli.patchfile as pf
+    def forced(idx, n):
+        if index_codec == "bitmap":
+            bm = np.zeros(n, dtype=np.uint8)
+            bm[idx] = 1
+            return "bitmap", {}, np.packbits(bm).tobytes()
+        if index_codec == "rice":
+            return ("rice", *codec_mod._rice(idx))
+        if index_codec == "varint":
+            return ("varint", *codec_mod._varint(idx))
+        l = codec_mod.ef_low_bits(n, len(idx))
+        low = codec_mod._pack_fixed(idx & ((1 << l) - 1), l) if l else b""
+        high = np.zeros(codec_mod.ef_sizes(n, len(idx), l)[1] * 8, dtype=np.uint8)
+        high[(idx >> l) + np.arange(len(idx))] = 1
+        return "elias-fano", {"l": l}, low + np.packbits(high).tobytes()
+
+    monkeypatch.setattr(pf, "encode_index", forced)
+    monkeypatch.setattr(pf, "VALUE_CODECS", (value_codec,))
+    g = torch.Generator().manual_seed(1)
+    a = {"sparse": torch.randn(300, 40, generator=g), "dense": torch.randn(1000, generator=g).to(torch.bfloat16),
+         "clustered": torch.randn(64, 64, generator=g).half()}
+    b = {k: v.clone() for k, v in a.items()}
+    b["sparse"].view(-1)[torch.randperm(12000, generator=g)[:25]] += 1
+    b["dense"][::2] += 1
+    b["clustered"][10:14, :] += 1
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    ops.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "p.dst")
+    h = Patch(tmp_path / "p.dst").tensors
+    assert {e["index"]["codec"] for e in h.values()} == {index_codec}
+    assert {e["values"]["codec"] for e in h.values()} == {value_codec}
+    ops.apply(tmp_path / "a.safetensors", [tmp_path / "p.dst"], tmp_path / "o.safetensors")
+    got = load_file(str(tmp_path / "o.safetensors"))
+    assert all(torch.equal(got[k].view(torch.uint8), b[k].view(torch.uint8)) for k in b)

@@ -139,3 +139,19 @@ def test_base_as_a_file_and_exclude_patterns(tmp_path):
     assert r.trainable == 1_360_320 - 2 * 256 * 160  # wte (256 x 160) and wpe (256 x 160) excluded
     with pytest.raises(DstError, match="--include pattern 'nothing.*' matches no tensor"):
         train(TrainOptions(include=["nothing.*"], steps=1, output=str(tmp_path / "q.dst")))
+
+
+def test_a_bf16_checkpoint_trains_in_bf16_and_its_patch_applies(tmp_path):
+    from safetensors.torch import load_file, save_file
+    src = samples_dir() / "tiny-gpt"
+    (tmp_path / "bf16").mkdir()
+    (tmp_path / "bf16" / "config.json").write_text((src / "config.json").read_text())
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(src / "model.safetensors")).items()},
+              str(tmp_path / "bf16" / "model.safetensors"))
+    res = train(TrainOptions(base=str(tmp_path / "bf16"), output=str(tmp_path / "p.dst"), steps=5, batch_size=4,
+                             seq_len=48, epsilon=1e-2))
+    assert {e["dtype"] for e in Patch(res.output).tensors.values()} == {"bfloat16"}
+    ops.apply(tmp_path / "bf16", [res.output], tmp_path / "tuned")
+    tuned = load_file(str(tmp_path / "tuned" / "model.safetensors"))
+    for n, p in res.model.named_parameters():  # the applied file holds exactly the trained bf16 weights
+        assert p.dtype == torch.bfloat16 and torch.equal(tuned[n], p.detach()), n
