@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
+import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +22,7 @@ from dstcli.select import DISTANCES, GlobalTopK, distance, topk_mask
 from dstcli.silos import SILOS, allocate, budget_total, select_names, silo_rows
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes done) after each tensor
+WORKERS = 2  # threads that read, hash and write tensors in apply and diff
 
 
 def _pairs_or_error(base: Checkpoint, other: Checkpoint) -> None:
@@ -114,6 +118,9 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
           progress: Progress | None = None) -> dict:
     """Write base + patches (in order) to `out`, mirroring the base's layout, atomically.
 
+    Each output byte is written once: unchanged ranges by kernel copy, patched tensors by two
+    worker threads that read, check, patch, check and write them.
+
     Every changed tensor's fingerprint is checked before the patch touches it (the base fingerprint,
     or with revert=True the result fingerprint, patches then undone in reverse order) and after
     (the result, or with revert the base); a mismatch raises DstError unless force=True. `scale` multiplies the total change (not bit-exact).
@@ -146,47 +153,93 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
     check = "result_fingerprint" if revert else "base_fingerprint"
     changed = 0
     with atomic_path(out, is_dir=base.is_dir) as tmp:
-        if base.is_dir:
-            shutil.copytree(base.path, tmp, dirs_exist_ok=True)
+        if base.is_dir:  # every other file (config, tokenizer, index) is copied as it is
+            shards = set(base.shards)
+            shutil.copytree(base.path, tmp, dirs_exist_ok=True, ignore=lambda d, names: [
+                n for n in names if Path(d) / n in shards])
             target = {s: tmp / s.relative_to(base.path) for s in base.shards}
         else:
-            shutil.copyfile(base.path, tmp)
             target = {base.path: tmp}
-        handles = {s: open(t, "r+b") for s, t in target.items()}
+        handles = {s: open(t, "wb") for s, t in target.items()}
+        _copy_untouched(base, set(touched), handles)
+
+        def patch_one(name: str) -> int:
+            """Read, check, patch, check and write back one tensor (runs on a worker thread)."""
+            info, n = base.tensors[name], 0
+            orig = t = base.read(name)
+            for p in patches:
+                e = p.tensors[name]
+                if not e["changed"]:
+                    continue
+                if not force and fingerprint(t) != e[check]:
+                    raise DstError(f"tensor {name!r} of {base.path} is not the one {p.path} was made for "
+                                   f"(fingerprint {fingerprint(t)}, patch expects {e[check]}): apply it to "
+                                   "the checkpoint it was made from, or pass --force to apply it anyway")
+                idx, xor = p.read_change(name)
+                t = apply_change(t, idx, xor)
+                n += len(idx)
+                after = "base_fingerprint" if revert else "result_fingerprint"
+                if not force and fingerprint(t) != e[after]:  # the blocks passed their CRCs but lie
+                    raise DstError(f"{p.path}: tensor {name!r} does not come out as the patch says "
+                                   f"(fingerprint {fingerprint(t)}, expected {e[after]}); the patch is "
+                                   "corrupt: make it again with dstcli diff or train")
+            if scale != 1.0:  # arithmetic, not bit-exact; entries no patch touched stay as they are
+                moved = (bits_view(t) != bits_view(orig)).reshape(orig.shape)
+                wide = orig.to(torch.float64)
+                t = torch.where(moved, (wide + scale * (t.to(torch.float64) - wide)).to(orig.dtype), orig)
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            if os.pwrite(handles[info.shard].fileno(), data, info.start) != data.nbytes:
+                raise OSError(errno.ENOSPC, f"short write of {name}")
+            return n
+
         try:
-            for name in touched:
-                info = base.tensors[name]
-                orig = t = base.read(name)
-                for p in patches:
-                    e = p.tensors[name]
-                    if not e["changed"]:
-                        continue
-                    if not force and fingerprint(t) != e[check]:
-                        raise DstError(f"tensor {name!r} of {base.path} is not the one {p.path} was made for "
-                                       f"(fingerprint {fingerprint(t)}, patch expects {e[check]}): apply it to "
-                                       "the checkpoint it was made from, or pass --force to apply it anyway")
-                    idx, xor = p.read_change(name)
-                    t = apply_change(t, idx, xor)
-                    changed += len(idx)
-                    after = "base_fingerprint" if revert else "result_fingerprint"
-                    if not force and fingerprint(t) != e[after]:  # the blocks passed their CRCs but lie
-                        raise DstError(f"{p.path}: tensor {name!r} does not come out as the patch says "
-                                       f"(fingerprint {fingerprint(t)}, expected {e[after]}); the patch is "
-                                       "corrupt: make it again with dstcli diff or train")
-                if scale != 1.0:  # arithmetic, not bit-exact; entries no patch touched stay as they are
-                    moved = (bits_view(t) != bits_view(orig)).reshape(orig.shape)
-                    wide = orig.to(torch.float64)
-                    t = torch.where(moved, (wide + scale * (t.to(torch.float64) - wide)).to(orig.dtype), orig)
-                f = handles[info.shard]
-                f.seek(info.start)
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-                if progress:
-                    progress(name, info.end - info.start)
+            # two workers: SHA-256, reads and writes release the GIL, so both cores hash
+            pool = ThreadPoolExecutor(max_workers=WORKERS)
+            try:
+                for name, fut in [(name, pool.submit(patch_one, name)) for name in touched]:
+                    changed += fut.result()
+                    if progress:
+                        progress(name, base.tensors[name].end - base.tensors[name].start)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # on an error, start nothing more
         finally:
             for f in handles.values():
                 f.close()
     return {"output": str(out), "patches": [str(p.path) for p in patches], "tensors_patched": len(touched),
             "entries_changed": changed, "bytes": base.nbytes, "scale": scale, "revert": revert}
+
+
+def _copy_untouched(base: Checkpoint, touched: set[str], handles: dict) -> None:
+    """Write every byte of each shard that no patch changes (header, untouched tensors) into its
+    output file at the same offset, by kernel copy (copy_file_range) where the system has it; the
+    touched tensors' ranges are left for the workers to fill. Each output byte is written once."""
+    for shard, out in handles.items():
+        size = shard.stat().st_size
+        holes = sorted((i.start, i.end) for n, i in base.tensors.items() if i.shard == shard and n in touched)
+        ranges, at = [], 0
+        for a, b in holes:
+            if a > at:
+                ranges.append((at, a))
+            at = max(at, b)
+        if size > at:
+            ranges.append((at, size))
+        out.truncate(size)
+        with open(shard, "rb") as src:
+            for a, b in ranges:
+                _copy_range(src, out, a, b)
+
+
+def _copy_range(src, dst, a: int, b: int) -> None:
+    while a < b:
+        try:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), b - a, a, a)
+        except (AttributeError, OSError) as e:  # no copy_file_range here (or across file systems)
+            if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = os.pwrite(dst.fileno(), os.pread(src.fileno(), min(b - a, 1 << 24), a), a)
+        if n <= 0:
+            raise OSError(errno.EIO, f"could not copy bytes {a}..{b} of {src.name}")
+        a += n
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.(\d+)\.")

@@ -72,7 +72,13 @@ def test_full_disk_while_applying(tmp_path, pair, monkeypatch):
     base, ft, _, _ = pair
     ops.diff(base, ft, tmp_path / "p.dst")
     before = hashlib.sha256(base.read_bytes()).hexdigest()
-    monkeypatch.setattr(ops_mod, "open", full_disk_open(64), raising=False)
+    real_pwrite = os.pwrite
+
+    def full_disk_pwrite(fd, data, offset):  # apply writes tensors with os.pwrite from worker threads
+        real_pwrite(fd, bytes(memoryview(data)[:len(data) // 2]), offset)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ops_mod.os, "pwrite", full_disk_pwrite)
     with pytest.raises(DstError, match="No space left on device"):
         ops.apply(base, [tmp_path / "p.dst"], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists() and leftovers(tmp_path) == []
