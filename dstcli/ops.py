@@ -17,7 +17,7 @@ import torch
 from dstcli.checkpoint import Checkpoint, atomic_path, check_output, dtype_name
 from dstcli.codec import bits_view
 from dstcli.errors import DstError
-from dstcli.patchfile import Change, Patch, apply_change, fingerprint, save_patch
+from dstcli.patchfile import Change, Patch, PatchWriter, apply_change, fingerprint
 from dstcli.select import DISTANCES, GlobalTopK, distance, topk_mask
 from dstcli.silos import SILOS, allocate, budget_total, select_names, silo_rows
 
@@ -77,32 +77,32 @@ def diff(base_path: str | Path, finetuned_path: str | Path, out: str | Path, *, 
             offsets[name] = gtop.offset
             gtop.add(distance(ft.read(name), base.read(name), dist))
         threshold = gtop.threshold()
-    changes = []
-    for name in floats:
-        a = base.read(name)
-        if name not in shapes:
-            changes.append(Change.between(name, a, a))
-        elif not budgeted:
-            changes.append(Change.between(name, a, ft.read(name)))
-        else:
-            b = ft.read(name)
-            d = distance(b, a, dist)
-            if gtop is not None:
-                keep, info = gtop.mask(d, offsets[name], threshold), {"strategy": "global"}
-            else:
-                rows = silo_rows(a.shape, silo)
-                keep = topk_mask(d.reshape(rows, -1), alloc[name]).reshape(a.shape)
-                info = {"strategy": silo, "silos": rows, "budget": int(alloc[name].sum())}
-            changes.append(Change.between(name, a, torch.where(keep, b, a), silo=info))
-        if progress:
-            progress(name, base.tensors[name].end - base.tensors[name].start)
     budget = {}
     if budgeted:
         budget = {"epsilon": epsilon, "params": params, "silo": silo, "distance": dist,
                   "total": budget_total(alloc), "trainable_params": sum(math.prod(s) for s in shapes.values())}
     run = {"command": "diff", "base": str(base.path), "finetuned": str(ft.path), "include": include,
            "exclude": exclude}
-    return save_patch(out, changes, run=run, budget=budget, base_params=base.numel)
+    with PatchWriter(out) as writer:  # one tensor in memory at a time; blocks spill to disk
+        for name in floats:
+            a = base.read(name)
+            if name not in shapes:
+                writer.add(Change.between(name, a, a))
+            elif not budgeted:
+                writer.add(Change.between(name, a, ft.read(name)))
+            else:
+                b = ft.read(name)
+                d = distance(b, a, dist)
+                if gtop is not None:
+                    keep, info = gtop.mask(d, offsets[name], threshold), {"strategy": "global"}
+                else:
+                    rows = silo_rows(a.shape, silo)
+                    keep = topk_mask(d.reshape(rows, -1), alloc[name]).reshape(a.shape)
+                    info = {"strategy": silo, "silos": rows, "budget": int(alloc[name].sum())}
+                writer.add(Change.between(name, a, torch.where(keep, b, a), silo=info))
+            if progress:
+                progress(name, base.tensors[name].end - base.tensors[name].start)
+        return writer.finish(run=run, budget=budget, base_params=base.numel)
 
 
 def base_fingerprint(header: dict) -> str:

@@ -93,6 +93,114 @@ def _block(raw: bytes) -> tuple[dict, bytes]:
             "crc32": f"{zlib.crc32(stored):08x}"}, stored
 
 
+def _encode(ch: Change) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """One tensor's header entry and its stored blocks (per tensor: the smallest codecs)."""
+    k, n = len(ch.index), ch.numel
+    entry: dict[str, Any] = {"dtype": dtype_name(ch.dtype), "shape": list(ch.shape), "numel": n,
+                             "changed": k, "base_fingerprint": ch.base_fingerprint,
+                             "result_fingerprint": ch.result_fingerprint,
+                             "delta_l2": ch.delta_l2, "delta_max": ch.delta_max}
+    if ch.silo:
+        entry["silo"] = ch.silo
+    blocks: dict[str, bytes] = {}
+    if k:
+        codec, params, raw_idx = encode_index(ch.index, n)
+        meta, stored = _block(raw_idx)
+        entry["index"] = {"codec": codec, **params, **meta}
+        if stored:
+            blocks[f"{ch.name}::index"] = stored
+        best = None
+        for codec in VALUE_CODECS:  # whichever layout compresses better
+            meta, stored = _block(encode_values(ch.xor, codec))
+            if best is None or len(stored) < len(best[2]):
+                best = (codec, meta, stored)
+        codec, meta, stored = best
+        entry["values"] = {"codec": codec, **meta}
+        blocks[f"{ch.name}::values"] = stored
+    return entry, blocks
+
+
+class PatchWriter:
+    """Write a patch tensor by tensor, in bounded memory, atomically:
+
+        with PatchWriter("out.dst") as w:
+            for change in changes:      # any order; each is encoded and spilled at once
+                w.add(change)
+            header = w.finish(run=..., budget=..., base_params=...)
+
+    Blocks go to a temporary data file as they are made; `finish` writes the safetensors header
+    and then the blocks in name order (kernel copies), so the same changes always give the same
+    bytes. An exception inside the `with` leaves no file behind.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tensors: dict[str, dict] = {}
+        self._blocks: dict[str, tuple[int, int]] = {}  # name -> (offset in the data file, size)
+        self._at = 0
+
+    def __enter__(self) -> "PatchWriter":
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        self._data = open(self._tmp.with_name(self._tmp.name + ".blocks"), "w+b")
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._data.close()
+        os.unlink(self._data.name)
+        return bool(self._atomic.__exit__(*exc))
+
+    def add(self, ch: Change) -> None:
+        if ch.name in self.tensors:
+            raise DstError(f"tensor {ch.name!r} is listed twice in one patch")
+        entry, blocks = _encode(ch)
+        self.tensors[ch.name] = entry
+        for key, stored in blocks.items():
+            self._data.write(stored)
+            self._blocks[key] = (self._at, len(stored))
+            self._at += len(stored)
+
+    def finish(self, *, run: dict | None = None, budget: dict | None = None, base_params: int | None = None) -> dict:
+        tensors = dict(sorted(self.tensors.items()))
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "producer": f"dstcli {__version__}",
+                  "base_params": base_params if base_params is not None else sum(e["numel"] for e in tensors.values()),
+                  "changed": sum(e["changed"] for e in tensors.values()),
+                  "budget": budget or {}, "run": run or {}, "tensors": tensors}
+        st: dict[str, Any] = {"__metadata__": {"dstcli": json.dumps(header), "format": FORMAT}}  # keys sorted
+        at = 0
+        for name in sorted(self._blocks):  # safetensors layout: blocks back to back in name order
+            n = self._blocks[name][1]
+            st[name] = {"dtype": "U8", "shape": [n], "data_offsets": [at, at + n]}
+            at += n
+        text = json.dumps(st, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+        self._data.flush()
+        with open(self._tmp, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            f.flush()
+            for name in sorted(self._blocks):
+                off, n = self._blocks[name]
+                _copy(self._data, f, off, n)
+        return header
+
+
+def _copy(src, dst, offset: int, n: int) -> None:
+    """Append n bytes of src (from offset) to dst, by kernel copy where there is one."""
+    while n > 0:
+        try:
+            done = os.copy_file_range(src.fileno(), dst.fileno(), n, offset)
+        except (AttributeError, OSError):  # no copy_file_range: through user space
+            src.seek(offset)
+            chunk = src.read(min(n, 1 << 24))
+            dst.write(chunk)
+            dst.flush()
+            done = len(chunk)
+        if done <= 0:
+            raise OSError(f"could not copy a block of {src.name}")
+        offset, n = offset + done, n - done
+
+
 def save_patch(path: str | os.PathLike, changes: list[Change], *, run: dict | None = None,
                budget: dict | None = None, base_params: int | None = None) -> dict:
     """Write a patch atomically; returns its header. Unchanged tensors are listed with changed=0.
@@ -104,61 +212,10 @@ def save_patch(path: str | os.PathLike, changes: list[Change], *, run: dict | No
         budget: the budget the patch was selected under, if any (see docs/FORMAT.md).
         base_params: number of patchable scalars in the base (default: the sum over `changes`).
     """
-    tensors: dict[str, dict] = {}
-    blocks: dict[str, np.ndarray] = {}
-    for ch in sorted(changes, key=lambda c: c.name):
-        if ch.name in tensors:
-            raise DstError(f"tensor {ch.name!r} is listed twice in one patch")
-        k, n = len(ch.index), ch.numel
-        entry: dict[str, Any] = {"dtype": dtype_name(ch.dtype), "shape": list(ch.shape), "numel": n,
-                                 "changed": k, "base_fingerprint": ch.base_fingerprint,
-                                 "result_fingerprint": ch.result_fingerprint,
-                                 "delta_l2": ch.delta_l2, "delta_max": ch.delta_max}
-        if ch.silo:
-            entry["silo"] = ch.silo
-        if k:
-            codec, params, raw_idx = encode_index(ch.index, n)
-            meta, stored = _block(raw_idx)
-            entry["index"] = {"codec": codec, **params, **meta}
-            if stored:
-                blocks[f"{ch.name}::index"] = np.frombuffer(stored, dtype=np.uint8)
-            best = None
-            for codec in VALUE_CODECS:  # per tensor, whichever layout compresses better
-                meta, stored = _block(encode_values(ch.xor, codec))
-                if best is None or len(stored) < len(best[2]):
-                    best = (codec, meta, stored)
-            codec, meta, stored = best
-            entry["values"] = {"codec": codec, **meta}
-            blocks[f"{ch.name}::values"] = np.frombuffer(stored, dtype=np.uint8)
-        tensors[ch.name] = entry
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "producer": f"dstcli {__version__}",
-              "base_params": base_params if base_params is not None else sum(c.numel for c in changes),
-              "changed": sum(e["changed"] for e in tensors.values()),
-              "budget": budget or {}, "run": run or {}, "tensors": tensors}
-    with atomic_path(Path(path)) as tmp:
-        write_safetensors(tmp, blocks, {"format": FORMAT, METADATA_KEY: json.dumps(header)})
-    return header
-
-
-def write_safetensors(path: Path, blocks: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """A safetensors file of 1-D uint8 blocks, byte-deterministic: header keys and data in name order.
-
-    (safetensors' own writer orders `__metadata__` keys by a per-process hash, so the same patch
-    would not always give the same bytes.) Blocks are written one after another, never joined.
-    """
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    at = 0
-    for name in sorted(blocks):
-        n = blocks[name].nbytes
-        header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [at, at + n]}
-        at += n
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for name in sorted(blocks):
-            f.write(memoryview(blocks[name]))
+    with PatchWriter(path) as w:
+        for ch in changes:
+            w.add(ch)
+        return w.finish(run=run, budget=budget, base_params=base_params)
 
 
 class Patch:

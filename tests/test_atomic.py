@@ -21,18 +21,42 @@ from dstcli.patchfile import Patch
 from dstcli.train import TrainOptions, train
 
 
-class FullDisk:
-    """A file object that accepts `budget` bytes, then fails the way a full disk does."""
+class Disk:
+    """A disk with `budget` bytes free, shared by every write through it: Python file writes and
+    kernel copies (os.copy_file_range) alike; past the budget they fail as a full disk does."""
 
-    def __init__(self, f, budget):
-        self.f, self.budget = f, budget
+    def __init__(self, budget):
+        self.budget = budget
+
+    def take(self, n):
+        ok = max(0, min(n, self.budget))
+        self.budget -= ok
+        return ok
+
+    def open(self, path, mode="r", *a, **kw):
+        f = open(path, mode, *a, **kw)
+        return DiskFile(f, self) if any(c in mode for c in "wa+") else f
+
+    def copy_file_range(self, src, dst, count, offset_src=None, offset_dst=None):
+        ok = self.take(count)
+        if ok:
+            os.copy_file_range(src, dst, ok, offset_src, offset_dst)
+        if ok < count:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return ok
+
+
+class DiskFile:
+    def __init__(self, f, disk):
+        self.f, self.disk = f, disk
 
     def write(self, data):
-        if self.budget < len(data):
-            self.f.write(bytes(memoryview(data)[:max(self.budget, 0)]))
+        n = len(memoryview(data).cast("B"))
+        ok = self.disk.take(n)
+        self.f.write(bytes(memoryview(data).cast("B")[:ok]))
+        if ok < n:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.budget -= len(data)
-        return self.f.write(data)
+        return n
 
     def __getattr__(self, name):
         return getattr(self.f, name)
@@ -42,13 +66,6 @@ class FullDisk:
 
     def __exit__(self, *exc):
         self.f.close()
-
-
-def full_disk_open(budget):
-    def fake_open(path, mode="r", *a, **kw):
-        f = open(path, mode, *a, **kw)
-        return FullDisk(f, budget) if any(c in mode for c in "wa+") else f
-    return fake_open
 
 
 def leftovers(d):
@@ -61,7 +78,9 @@ def test_full_disk_while_writing_a_patch(tmp_path, pair, monkeypatch, fraction):
     ops.diff(base, ft, tmp_path / "sized.dst")
     budget = int(fraction * (tmp_path / "sized.dst").stat().st_size)  # the disk fills this far in
     (tmp_path / "p.dst").write_bytes(b"the previous patch")
-    monkeypatch.setattr(patchfile_mod, "open", full_disk_open(budget), raising=False)
+    disk = Disk(budget)
+    monkeypatch.setattr(patchfile_mod, "open", disk.open, raising=False)
+    monkeypatch.setattr(patchfile_mod.os, "copy_file_range", disk.copy_file_range)
     with pytest.raises(DstError, match=r"cannot write .*p\.dst: No space left on device; check free space"):
         ops.diff(base, ft, tmp_path / "p.dst", overwrite=True)
     assert (tmp_path / "p.dst").read_bytes() == b"the previous patch"  # the old file is intact
