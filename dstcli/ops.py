@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -83,25 +84,37 @@ def diff(base_path: str | Path, finetuned_path: str | Path, out: str | Path, *, 
                   "total": budget_total(alloc), "trainable_params": sum(math.prod(s) for s in shapes.values())}
     run = {"command": "diff", "base": str(base.path), "finetuned": str(ft.path), "include": include,
            "exclude": exclude}
-    with PatchWriter(out) as writer:  # one tensor in memory at a time; blocks spill to disk
-        for name in floats:
-            a = base.read(name)
-            if name not in shapes:
-                writer.add(Change.between(name, a, a))
-            elif not budgeted:
-                writer.add(Change.between(name, a, ft.read(name)))
-            else:
-                b = ft.read(name)
-                d = distance(b, a, dist)
-                if gtop is not None:
-                    keep, info = gtop.mask(d, offsets[name], threshold), {"strategy": "global"}
-                else:
-                    rows = silo_rows(a.shape, silo)
-                    keep = topk_mask(d.reshape(rows, -1), alloc[name]).reshape(a.shape)
-                    info = {"strategy": silo, "silos": rows, "budget": int(alloc[name].sum())}
-                writer.add(Change.between(name, a, torch.where(keep, b, a), silo=info))
-            if progress:
-                progress(name, base.tensors[name].end - base.tensors[name].start)
+    def change_of(name: str) -> Change:  # runs on a worker thread
+        a = base.read(name)
+        if name not in shapes:
+            return Change.between(name, a, a)
+        if not budgeted:
+            return Change.between(name, a, ft.read(name))
+        b = ft.read(name)
+        d = distance(b, a, dist)
+        if gtop is not None:
+            keep, info = gtop.mask(d, offsets[name], threshold), {"strategy": "global"}
+        else:
+            rows = silo_rows(a.shape, silo)
+            keep = topk_mask(d.reshape(rows, -1), alloc[name]).reshape(a.shape)
+            info = {"strategy": silo, "silos": rows, "budget": int(alloc[name].sum())}
+        return Change.between(name, a, torch.where(keep, b, a), silo=info)
+
+    # two workers read, compare and hash tensors (both cores); at most WORKERS + 1 tensors are in
+    # flight, and each finished change is encoded and spilled to disk at once
+    with PatchWriter(out) as writer, ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        pending: deque = deque()
+        try:
+            for name in floats:
+                pending.append((name, pool.submit(change_of, name)))
+                while len(pending) > WORKERS or (pending and name == floats[-1]):
+                    done, fut = pending.popleft()
+                    writer.add(fut.result())
+                    if progress:
+                        progress(done, base.tensors[done].end - base.tensors[done].start)
+        finally:
+            for _, fut in pending:
+                fut.cancel()
         return writer.finish(run=run, budget=budget, base_params=base.numel)
 
 
