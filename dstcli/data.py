@@ -49,8 +49,8 @@ def read_rows(path: Path) -> list[Row]:
             elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
                 if not row["completion"]:
                     raise DstError(f"{path}:{lineno}: empty completion: every row needs something to learn")
-            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-                pass  # checked where it is rendered (the model's chat template)
+            elif isinstance(row, dict) and "messages" in row:
+                _check_messages(row["messages"], f"{path}:{lineno}")
             else:
                 raise DstError(f"{path}:{lineno}: expected an object with \"text\", with \"prompt\" and "
                                "\"completion\" strings, or with \"messages\"")
@@ -59,6 +59,22 @@ def read_rows(path: Path) -> list[Row]:
         raise DstError(f"dataset {path} has no examples: add rows of {{\"text\": ...}} or "
                        "{\"prompt\": ..., \"completion\": ...}")
     return rows
+
+
+def _check_messages(messages, where: str) -> None:
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise DstError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} strings")
+    if messages[-1]["role"] != "assistant":
+        raise DstError(f"{where}: the last message must be the assistant's reply (that is what is learned)")
+
+
+def plain_chat(messages: list[dict]) -> tuple[str, str]:
+    """A checked chat row without a chat template: `role: content` lines, then `assistant: `,
+    as (prompt, the reply that is learned)."""
+    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
+    return prompt, messages[-1]["content"]
 
 
 def byte_examples(rows: list[Row], seq_len: int, path: Path) -> list[Example]:
@@ -73,13 +89,7 @@ def byte_examples(rows: list[Row], seq_len: int, path: Path) -> list[Example]:
                     out.append(Example(w, [True] * len(w)))
             continue
         if "messages" in row:
-            msgs = row["messages"]
-            if not (msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)
-                    and msgs[-1].get("role") == "assistant"):
-                raise DstError(f"{path}:{lineno}: \"messages\" must be {{\"role\", \"content\"}} objects "
-                               "ending with the assistant's reply")
-            prompt = "".join(f"{m.get('role')}: {m['content']}\n" for m in msgs[:-1]) + "assistant: "
-            completion = msgs[-1]["content"]
+            prompt, completion = plain_chat(row["messages"])
         else:
             prompt, completion = row["prompt"], row["completion"]
         p, c = encode(prompt), encode(completion)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from dstcli.data import plain_chat
 from dstcli.errors import DstError
 
 INSTALL_HINT = "pip install 'dstcli[hf]'"
@@ -101,7 +102,7 @@ def encode_rows(rows: list[tuple[int, dict]], hm: HFModel, seq_len: int, source:
     tok, out = hm.tokenizer, []
     for lineno, row in rows:
         if "messages" in row:
-            prompt, completion = _render_chat(tok, row["messages"], source, lineno)
+            prompt, completion = _render_chat(tok, row["messages"])
         elif "text" in row:
             prompt, completion = "", row["text"]
         else:
@@ -124,21 +125,16 @@ def encode_rows(rows: list[tuple[int, dict]], hm: HFModel, seq_len: int, source:
     return out
 
 
-def _render_chat(tok, messages: Any, source: Path, lineno: int) -> tuple[str, str]:
-    """(everything before the last assistant turn, that turn): the loss is on the reply."""
-    if (not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                                   and isinstance(m.get("content"), str) for m in messages)):
-        raise DstError(f"{source}:{lineno}: \"messages\" must be a list of {{\"role\", \"content\"}} strings")
-    if messages[-1]["role"] != "assistant":
-        raise DstError(f"{source}:{lineno}: the last message must be the assistant's reply (that is what is learned)")
+def _render_chat(tok, messages: list[dict]) -> tuple[str, str]:
+    """(everything before the last assistant turn, that turn) of a row `read_rows` checked: with
+    the tokenizer's chat template when it has one. The loss is on the reply."""
     if getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         whole = tok.apply_chat_template(messages, tokenize=False)
         if whole.startswith(prompt):
             return prompt, whole[len(prompt):]
         return prompt, messages[-1]["content"]
-    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
-    return prompt, messages[-1]["content"]
+    return plain_chat(messages)
 
 
 def collate(batch: list[Row], pad_id: int, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
