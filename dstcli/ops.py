@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from dstcli.checkpoint import Checkpoint, atomic_path, check_output, dtype_name
+from dstcli.checkpoint import Checkpoint, atomic_path, check_output, copy_range, dtype_name
 from dstcli.codec import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change, Patch, PatchWriter, apply_change, fingerprint
@@ -239,20 +239,7 @@ def _copy_untouched(base: Checkpoint, touched: set[str], handles: dict) -> None:
         out.truncate(size)
         with open(shard, "rb") as src:
             for a, b in ranges:
-                _copy_range(src, out, a, b)
-
-
-def _copy_range(src, dst, a: int, b: int) -> None:
-    while a < b:
-        try:
-            n = os.copy_file_range(src.fileno(), dst.fileno(), b - a, a, a)
-        except (AttributeError, OSError) as e:  # no copy_file_range here (or across file systems)
-            if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            n = os.pwrite(dst.fileno(), os.pread(src.fileno(), min(b - a, 1 << 24), a), a)
-        if n <= 0:
-            raise OSError(errno.EIO, f"could not copy bytes {a}..{b} of {src.name}")
-        a += n
+                copy_range(src, out, a, a, b - a)
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.(\d+)\.")

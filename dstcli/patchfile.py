@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dstcli import __version__
-from dstcli.checkpoint import atomic_path, dtype_name
+from dstcli.checkpoint import atomic_path, copy_range, dtype_name
 from dstcli.codec import (INT_VIEW, VALUE_CODECS, bits_view, compress, decode_index, decode_values, decompress,
                           encode_index, encode_values, index_raw_size)
 from dstcli.errors import DstError
@@ -166,7 +166,7 @@ class PatchWriter:
                   "base_params": base_params if base_params is not None else sum(e["numel"] for e in tensors.values()),
                   "changed": sum(e["changed"] for e in tensors.values()),
                   "budget": budget or {}, "run": run or {}, "tensors": tensors}
-        st: dict[str, Any] = {"__metadata__": {"dstcli": json.dumps(header), "format": FORMAT}}  # keys sorted
+        st: dict[str, Any] = {"__metadata__": dict(sorted({METADATA_KEY: json.dumps(header), "format": FORMAT}.items()))}
         at = 0
         for name in sorted(self._blocks):  # safetensors layout: blocks back to back in name order
             n = self._blocks[name][1]
@@ -179,26 +179,12 @@ class PatchWriter:
             f.write(len(text).to_bytes(8, "little"))
             f.write(text)
             f.flush()
+            at = 8 + len(text)
             for name in sorted(self._blocks):
                 off, n = self._blocks[name]
-                _copy(self._data, f, off, n)
+                copy_range(self._data, f, off, at, n)
+                at += n
         return header
-
-
-def _copy(src, dst, offset: int, n: int) -> None:
-    """Append n bytes of src (from offset) to dst, by kernel copy where there is one."""
-    while n > 0:
-        try:
-            done = os.copy_file_range(src.fileno(), dst.fileno(), n, offset)
-        except (AttributeError, OSError):  # no copy_file_range: through user space
-            src.seek(offset)
-            chunk = src.read(min(n, 1 << 24))
-            dst.write(chunk)
-            dst.flush()
-            done = len(chunk)
-        if done <= 0:
-            raise OSError(f"could not copy a block of {src.name}")
-        offset, n = offset + done, n - done
 
 
 def save_patch(path: str | os.PathLike, changes: list[Change], *, run: dict | None = None,
