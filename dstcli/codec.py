@@ -13,8 +13,9 @@ Index codecs, for k strictly increasing positions in [0, n):
 Value codecs: the XOR of the new and old bit patterns of each changed entry in the tensor's own
 width (so it is exact and its own inverse), either split into byte planes (``xor-byteplanes``:
 plane j holds byte j, little-endian, of every entry) or entry after entry (``xor``, format 2);
-the writer keeps the smaller after compression, per tensor. Each block is stored raw or zstd-compressed, whichever is
-smaller. Every decoder checks what it is given and raises `DstError` on any inconsistency.
+the writer keeps the smaller after compression, per tensor. Each block is stored raw or
+zstd-compressed, whichever is smaller. Every decoder checks what it is given and raises
+`DstError` on any inconsistency.
 """
 
 from __future__ import annotations
@@ -110,11 +111,16 @@ def _varint(idx: np.ndarray) -> tuple[dict, bytes]:
 def encode_index(idx: np.ndarray, n: int) -> tuple[str, dict, bytes]:
     """Code sorted unique positions: returns (codec, params, raw bytes), the codec whose block is
     smallest after compression among Golomb-Rice, Elias-Fano, gap varints and a bitmap."""
+    return index_block(idx, n)[:3]
+
+
+def index_block(idx: np.ndarray, n: int) -> tuple[str, dict, bytes, tuple[str, bytes]]:
+    """`encode_index`, plus the compressed block it chose by: (codec, params, raw, (method, stored))."""
     k = len(idx)
     if k == n:
-        return "all", {}, b""
+        return "all", {}, b"", compress(b"")
     if k == 0:
-        return "rice", {"r": 0, "high_bits": 0}, b""
+        return "rice", {"r": 0, "high_bits": 0}, b"", compress(b"")
     cands = []
     if (n + 7) // 8 <= 4 * k + 64:  # a bitmap only competes when changes are dense
         bitmap = np.zeros(n, dtype=np.uint8)
@@ -136,10 +142,10 @@ def encode_index(idx: np.ndarray, n: int) -> tuple[str, dict, bytes]:
     for codec, params, raw in cands:
         if len(raw) > 2 * smallest + 64:  # raw far larger: compression will not make up for it
             continue
-        size = len(compress(raw)[1])
-        if best is None or size < best[0]:
-            best = (size, codec, params, raw)
-    return best[1], best[2], best[3]
+        packed = compress(raw)
+        if best is None or len(packed[1]) < len(best[3][1]):
+            best = (codec, params, raw, packed)
+    return best
 
 
 def index_raw_size(codec: str, params: dict, n: int, k: int) -> int:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from dstcli import __version__
 from dstcli.checkpoint import atomic_path, copy_range, dtype_name
 from dstcli.codec import (INT_VIEW, VALUE_CODECS, bits_view, compress, decode_index, decode_values, decompress,
-                          encode_index, encode_values, index_raw_size)
+                          encode_values, index_block, index_raw_size)
 from dstcli.errors import DstError
 
 FORMAT = "dstcli-patch"
@@ -87,8 +87,9 @@ class Change:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
 
-def _block(raw: bytes) -> tuple[dict, bytes]:
-    method, stored = compress(raw)
+def _block(raw: bytes, packed: tuple[str, bytes] | None = None) -> tuple[dict, bytes]:
+    """A block's header description and stored bytes; `packed` = compress(raw) if already done."""
+    method, stored = packed or compress(raw)
     return {"compression": method, "raw_bytes": len(raw), "stored_bytes": len(stored),
             "crc32": f"{zlib.crc32(stored):08x}"}, stored
 
@@ -104,8 +105,8 @@ def _encode(ch: Change) -> tuple[dict[str, Any], dict[str, bytes]]:
         entry["silo"] = ch.silo
     blocks: dict[str, bytes] = {}
     if k:
-        codec, params, raw_idx = encode_index(ch.index, n)
-        meta, stored = _block(raw_idx)
+        codec, params, raw_idx, packed = index_block(ch.index, n)
+        meta, stored = _block(raw_idx, packed)
         entry["index"] = {"codec": codec, **params, **meta}
         if stored:
             blocks[f"{ch.name}::index"] = stored

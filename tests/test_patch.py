@@ -255,7 +255,11 @@ def test_every_codec_round_trips_the_same_data(tmp_path, monkeypatch, index_code
         high[(idx >> l) + np.arange(len(idx))] = 1
         return "elias-fano", {"l": l}, low + np.packbits(high).tobytes()
 
-    monkeypatch.setattr(pf, "encode_index", forced)
+    def forced_block(idx, n):  # what the writer calls: the codec's raw bytes and their compression
+        codec, params, raw = forced(idx, n)
+        return codec, params, raw, codec_mod.compress(raw)
+
+    monkeypatch.setattr(pf, "index_block", forced_block)
     monkeypatch.setattr(pf, "VALUE_CODECS", (value_codec,))
     g = torch.Generator().manual_seed(1)
     a = {"sparse": torch.randn(300, 40, generator=g), "dense": torch.randn(1000, generator=g).to(torch.bfloat16),
