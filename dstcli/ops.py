@@ -104,14 +104,20 @@ def diff(base_path: str | Path, finetuned_path: str | Path, out: str | Path, *, 
     # flight, and each finished change is encoded and spilled to disk at once
     with PatchWriter(out) as writer, ThreadPoolExecutor(max_workers=WORKERS) as pool:
         pending: deque = deque()
+
+        def write_oldest() -> None:
+            name, fut = pending.popleft()
+            writer.add(fut.result())
+            if progress:
+                progress(name, base.tensors[name].end - base.tensors[name].start)
+
         try:
             for name in floats:
                 pending.append((name, pool.submit(change_of, name)))
-                while len(pending) > WORKERS or (pending and name == floats[-1]):
-                    done, fut = pending.popleft()
-                    writer.add(fut.result())
-                    if progress:
-                        progress(done, base.tensors[done].end - base.tensors[done].start)
+                if len(pending) > WORKERS:
+                    write_oldest()
+            while pending:
+                write_oldest()
         finally:
             for _, fut in pending:
                 fut.cancel()
@@ -136,7 +142,8 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
 
     Every changed tensor's fingerprint is checked before the patch touches it (the base fingerprint,
     or with revert=True the result fingerprint, patches then undone in reverse order) and after
-    (the result, or with revert the base); a mismatch raises DstError unless force=True. `scale` multiplies the total change (not bit-exact).
+    (the result, or with revert the base); a mismatch raises DstError unless force=True. `scale`
+    multiplies the total change (not bit-exact).
     Returns a summary dict.
     """
     if not patch_paths:

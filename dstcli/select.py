@@ -55,11 +55,11 @@ def top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
 
     Ties at the k-th value go to the lower positions; a zero distance is never chosen, so fewer
     than k come back when fewer than k are positive. Silos of 8,192+ entries are not sorted: a
-    strided sample (1 in 64 entries, at least 4,096 and at most 65,536 values) brackets the k-th largest about
-    4 sigma each side, one pass collects the entries above the bracket's low end, and only those
-    are ranked (for large k, only those inside the bracket). If the sample misled (fewer than k
-    collected, or k or more above the high end) it falls back to a full torch.topk, so the answer
-    never depends on the sample.
+    strided sample (1 in 64 entries, at least 4,096 and at most 65,536 values) brackets the k-th
+    largest about 4 sigma each side, one pass collects the entries above the bracket's low end,
+    and only those are ranked (for large k, only those inside the bracket). If the sample misled
+    (fewer than k collected, or k or more above the high end) it falls back to a full torch.topk,
+    so the answer never depends on the sample.
     """
     m = flat.numel()
     k = min(int(k), m)
