@@ -191,10 +191,8 @@ class DST:
                 seed = seed_of(name)
                 if reselect:
                     self._select_tensor(name, seed)
-                else:
-                    kept = self.kept[name]
-                    self._reset_outside(name, seed, kept.idx)
-                    self.kept[name] = kept  # same entries, same seed values
+                else:  # the kept set stays; its seed values come out the same from `seed`
+                    self._reset_outside(name, seed, self.kept[name].idx)
         entered = left = 0
         if reselect:
             for name, k in self.kept.items():
