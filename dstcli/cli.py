@@ -227,6 +227,7 @@ def train(
     checkpoint_dir: Optional[Path] = typer.Option(None, help="Where the resumable state goes (default OUTPUT.state); removed when the run finishes."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run saved in this state directory, with its options."),
     max_bad_steps: int = typer.Option(5, help="Skip steps with NaN/inf loss or gradients; stop after this many in a row."),
+    strategy: str = typer.Option("none", help="Under torchrun: ddp (a full replica per process) or fsdp (parameters sharded over processes)."),
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
     """Fine-tune BASE on DATA with Dynamic Subset Tuning; write the result as a sparse patch."""
@@ -294,6 +295,8 @@ def train(
         if task is not None:
             bar.stop()
 
+    if result.output is None:  # another rank of a distributed run: rank 0 reports
+        return
     summary = {"output": str(result.output), "patch_bytes": result.patch_bytes, "steps": result.steps,
                "seconds": round(result.seconds, 1), "budget": result.budget, "changed": result.changed,
                "trainable_params": result.trainable, "base": result.base_metrics, "tuned": result.final_metrics}

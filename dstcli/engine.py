@@ -29,7 +29,7 @@ values written back, is that tensor's seed. Temporary memory is one tensor (the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -80,11 +80,17 @@ class DST:
         seed: "copy" keeps a full copy of the seed (then call `project()` after each step);
             "none" keeps only the kept entries' seed values (then call `step(optimizers)`); or a
             mapping name -> seed tensor (same shape and dtype, e.g. memory-mapped) for `project()`.
+        shards, gather: for parameters split over processes (FSDP): the tensors given are each
+            process's slice, `shards[name] = (whole shape, first flat position of the slice)`,
+            and `gather(values, positions)` concatenates 1-D tensors over processes in order.
+            A silo spanning processes then keeps exactly what one process would keep.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], *, epsilon: float | None = None,
                  params: int | None = None, silo: str = "tensor", distance: str = "absolute",
-                 reselect_every: int | None = 1, seed: str | Mapping[str, torch.Tensor] = "copy"):
+                 reselect_every: int | None = 1, seed: str | Mapping[str, torch.Tensor] = "copy",
+                 shards: Mapping[str, tuple[tuple[int, ...], int]] | None = None,
+                 gather: Callable[..., list[torch.Tensor]] | None = None):
         self.params = dict(named_params)
         if not self.params:
             raise DstError("no parameters to tune")
@@ -93,7 +99,9 @@ class DST:
         if reselect_every is not None and reselect_every < 1:
             raise DstError(f"reselect_every must be at least 1 (or never), got {reselect_every}")
         self.silo, self.distance, self.reselect_every = silo, distance, reselect_every
-        shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        self.shards, self.gather = shards, gather
+        shapes = {n: tuple(shards[n][0]) if shards else tuple(p.shape) for n, p in self.params.items()}
+        self.shapes = shapes
         self.alloc = allocate(shapes, silo, epsilon=epsilon, params=params)
         self.budget = budget_total(self.alloc)
         if self.budget == 0:
@@ -216,14 +224,28 @@ class DST:
     def _select_tensor(self, name: str, seed: torch.Tensor) -> None:
         p = self.params[name].detach()
         d = distance(p, seed, self.distance)
-        rows = silo_rows(tuple(p.shape), self.silo)
+        rows = silo_rows(self.shapes[name], self.silo)
         if rows == 1:
-            idx = top_indices(d.view(-1), int(self.alloc[name][0]))
-        else:
-            mask = topk_mask(d.view(rows, -1), self.alloc[name].to(d.device))
+            k = int(self.alloc[name][0])
+            idx = top_indices(d.view(-1), k)
+            if self.gather is not None:  # the silo spans processes: agree on its top-k
+                idx = self._agree(d.view(-1)[idx], idx, self.shards[name][1], k, p.numel())
+        else:  # row silos: a process holds whole rows (fully_shard splits along dim 0)
+            row_len = int(torch.Size(self.shapes[name][1:]).numel())
+            first = self.shards[name][1] // row_len if self.shards else 0
+            local = p.numel() // row_len
+            mask = topk_mask(d.view(local, row_len), self.alloc[name][first:first + local].to(d.device))
             idx = torch.nonzero(mask.view(-1)).view(-1)
         del d
         self._reset_outside(name, seed, idx)
+
+    def _agree(self, vals: torch.Tensor, idx: torch.Tensor, offset: int, k: int, n: int) -> torch.Tensor:
+        """The local positions of a silo's top-k when each process offers its own top-k
+        candidates: candidates arrive in ascending global position, so ranking them with the
+        usual tie rule gives exactly the single-process answer."""
+        all_vals, all_pos = self.gather(vals.to(torch.float64), idx + offset)
+        chosen = all_pos[top_indices(all_vals, k)]
+        return chosen[(chosen >= offset) & (chosen < offset + n)] - offset
 
     def _select_global(self, seed_of) -> None:
         """One silo over all tensors, tensor by tensor, in O(budget) memory.
@@ -255,18 +277,33 @@ class DST:
             size += len(idx)
             if size > 4 * K:
                 floor, size = self._cut_pool(pool, K), K
-        if size > K:
+        if self.gather is not None:  # each process now holds its own top-K: agree on the global one
+            self._cut_pool(pool, K, self._global_keep(pool, K))
+        elif size > K:
             self._cut_pool(pool, K)
 
-    def _cut_pool(self, pool: list[tuple[str, torch.Tensor]], K: int) -> float:
-        """Keep the pool's top-K (ties to the lower position), reset the rest; return the K-th
-        largest distance."""
+    def _global_keep(self, pool: list[tuple[str, torch.Tensor]], K: int) -> torch.Tensor:
+        """Which local pool entries are in the top-K over all processes, by (distance, position
+        in name order then flat order)."""
+        start, starts = 0, {}
+        for name in self.params:
+            starts[name] = start
+            start += int(torch.Size(self.shapes[name]).numel())
+        pos = torch.cat([self.kept[name].idx + (starts[name] + self.shards[name][1]) for name, _ in pool])
+        all_d, all_pos = self.gather(torch.cat([v for _, v in pool]), pos)
+        order = torch.argsort(all_pos)
+        chosen = all_pos[order][top_indices(all_d[order], K)]
+        return torch.isin(pos, chosen)
+
+    def _cut_pool(self, pool: list[tuple[str, torch.Tensor]], K: int, keep: torch.Tensor | None = None) -> float:
+        """Keep the pool's top-K (ties to the lower position), or the entries `keep` marks, reset
+        the rest; return the K-th largest distance."""
         all_d = torch.cat([v for _, v in pool])
-        chosen = top_indices(all_d, K)
-        keep = torch.zeros(len(all_d), dtype=torch.bool, device=all_d.device)
-        keep[chosen] = True
-        ends = torch.tensor([len(v) for _, v in pool], device=chosen.device).cumsum(0)
-        owner = torch.searchsorted(ends, chosen, right=True)  # which pool segment each kept entry is in
+        if keep is None:
+            keep = torch.zeros(len(all_d), dtype=torch.bool, device=all_d.device)
+            keep[top_indices(all_d, K)] = True
+        ends = torch.tensor([len(v) for _, v in pool], device=keep.device).cumsum(0)
+        owner = torch.searchsorted(ends, torch.nonzero(keep).view(-1), right=True)  # each kept entry's segment
         kept_each = torch.bincount(owner, minlength=len(pool)).tolist()
         at = 0
         for i, (name, vals) in enumerate(pool):
@@ -280,7 +317,7 @@ class DST:
                 self._nonseed[name] = (bits_view(flat[kept.idx[mine]]) != bits_view(kept.seed_vals[mine])).sum()
                 pool[i] = (name, vals[mine])
             at += n
-        return float(all_d[keep].min())
+        return float(all_d[keep].min()) if bool(keep.any()) else 0.0
 
     # ---- resuming -------------------------------------------------------------------------------
 
@@ -334,13 +371,17 @@ class DST:
         s.view(-1)[k.idx] = k.seed_vals
         return s
 
+    def silo_info(self, name: str) -> dict:
+        """A tensor's budget facts, as the patch header records them."""
+        info = {"strategy": self.silo}
+        if self.silo != "global":
+            info.update(silos=silo_rows(self.shapes[name], self.silo), budget=int(self.alloc[name].sum()))
+        return info
+
     def changes(self) -> list[Change]:
         """The trained state as patch entries: every non-seed entry, lossless against the seed."""
-        out = []
-        for name, p in self.params.items():
-            rows = silo_rows(tuple(p.shape), self.silo)
-            info = {"strategy": self.silo}
-            if self.silo != "global":
-                info.update(silos=rows, budget=int(self.alloc[name].sum()))
-            out.append(Change.between(name, self.seed_tensor(name).cpu(), p.detach().cpu(), silo=info))
-        return out
+        if self.shards:
+            raise DstError("this DST holds slices of the parameters: build the patch with "
+                           "dstcli.distributed (each process's kept entries), not changes()")
+        return [Change.between(name, self.seed_tensor(name).cpu(), p.detach().cpu(), silo=self.silo_info(name))
+                for name, p in self.params.items()]

@@ -25,6 +25,8 @@ from torch.nn import functional as F
 from dstcli.checkpoint import Checkpoint, check_output, dtype_name
 from dstcli.codec import bits_view
 from dstcli.data import Example, collate, read_jsonl, read_rows
+from dstcli.distributed import STRATEGIES, Dist
+from dstcli.distributed import init as init_distributed
 from dstcli.engine import DST
 from dstcli.errors import DstError
 from dstcli.hf import is_hf_dir
@@ -83,6 +85,7 @@ class TrainOptions:
     save_every: int = 0  # save a resumable state every N steps (0: only on Ctrl-C / SIGTERM)
     checkpoint_dir: str | None = None  # where the state goes; default OUTPUT.state
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    strategy: str = "none"  # ddp or fsdp under torchrun (dstcli.distributed)
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -91,7 +94,7 @@ class TrainOptions:
 
 @dataclass
 class TrainResult:
-    output: Path
+    output: Path | None  # None on the processes of a distributed run other than rank 0
     patch_bytes: int
     steps: int
     seconds: float
@@ -110,7 +113,7 @@ def _validate(o: TrainOptions) -> None:
     check_budget(o.epsilon, o.params)
     for value, allowed, flag in ((o.silo, SILOS, "--silo"), (o.distance, DISTANCES, "--distance"),
                                  (o.optimizer, OPTIMIZERS, "--optimizer"), (o.device, DEVICES, "--device"),
-                                 (o.dtype, tuple(DTYPES), "--dtype")):
+                                 (o.dtype, tuple(DTYPES), "--dtype"), (o.strategy, STRATEGIES, "--strategy")):
         if value not in allowed:
             raise DstError(f"unknown {flag} {value!r}: choose one of {', '.join(allowed)}")
     for value, flag in ((o.batch_size, "--batch-size"), (o.grad_accum, "--grad-accum"), (o.seq_len, "--seq-len")):
@@ -122,6 +125,9 @@ def _validate(o: TrainOptions) -> None:
         raise DstError("--steps/--epochs must be positive")
     if o.save_every < 0 or o.max_bad_steps < 1:
         raise DstError("--save-every must be 0 or more and --max-bad-steps at least 1")
+    if o.strategy != "none" and o.save_every:
+        raise DstError(f"--save-every is not supported with --strategy {o.strategy} yet: drop it, or train "
+                       "in one process to get resumable states")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise DstError(f"--lr {o.lr} must be a positive number")
 
@@ -209,6 +215,7 @@ class _Setup:
     collate: Callable[[list, torch.device], tuple[dict[str, torch.Tensor], int]]
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     evaluate: Callable[..., dict[str, float]]
+    targets: Callable[[dict[str, torch.Tensor]], int]  # how many tokens a batch's loss averages over
 
 
 def _gpt_collate(batch: list[Example], device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
@@ -238,7 +245,8 @@ def _gpt_setup(base_dir: Path, ckpt: Checkpoint, o: TrainOptions, data_path: Pat
     model.to(device)
     o.seq_len = min(o.seq_len, cfg.block_size - 1)
     return _Setup(model, dict(model.named_parameters()), read_jsonl(data_path, o.seq_len),
-                  read_jsonl(eval_path, o.seq_len) if eval_path else None, _gpt_collate, _gpt_loss, evaluate)
+                  read_jsonl(eval_path, o.seq_len) if eval_path else None, _gpt_collate, _gpt_loss, evaluate,
+                  lambda inputs: int((inputs["y"] != -100).sum()))
 
 
 def _hf_setup(base_dir: Path, ckpt: Checkpoint, o: TrainOptions, data_path: Path, eval_path: Path | None,
@@ -279,7 +287,8 @@ def _hf_setup(base_dir: Path, ckpt: Checkpoint, o: TrainOptions, data_path: Path
         return {"loss": tot / max(count, 1)}
 
     return _Setup(model, hm.named, rows(data_path), rows(eval_path) if eval_path else None,
-                  lambda batch, dev: hf.collate(batch, pad, dev), hf.loss, evaluate_hf)
+                  lambda batch, dev: hf.collate(batch, pad, dev), hf.loss, evaluate_hf,
+                  lambda inputs: hf.label_count(inputs, hm.seq2seq))
 
 
 class Stopped(DstError):
@@ -291,13 +300,40 @@ class Stopped(DstError):
 _NEUTRAL = {"output", "metrics", "overwrite", "save_every", "checkpoint_dir"}
 
 
-def _changes(dst: DST, ckpt: Checkpoint, names: list[str]) -> list[Change]:
-    changes = dst.changes()
+def _changes(dst: DST, ckpt: Checkpoint, names: list[str], dd: Dist | None = None) -> list[Change] | None:
+    """The patch entries: the trained tensors' changes, and every other patchable tensor as
+    unchanged. Under FSDP every process must call this; only rank 0 gets the list."""
+    if dd is not None and dd.strategy == "fsdp":
+        changes = _sharded_changes(dst, ckpt, names, dd)
+    elif dd is None or dd.main:
+        changes = dst.changes()
+    else:
+        return None
+    if changes is None:
+        return None
     for name in ckpt.tensors:  # tensors not trained are listed as unchanged
         if name not in names and ckpt.tensors[name].patchable:
             t = ckpt.read(name)
             changes.append(Change.between(name, t, t))
     return changes
+
+
+def _sharded_changes(dst: DST, ckpt: Checkpoint, names: list[str], dd: Dist) -> list[Change] | None:
+    """FSDP: each process sends its kept entries (global positions and value bits, O(k)); rank 0
+    writes them into the base tensor read from the checkpoint, one tensor at a time."""
+    out = []
+    for name in names:
+        kept = dst.kept[name]
+        local = dst.params[name].detach().reshape(-1)
+        bits = bits_view(local[kept.idx].contiguous()).to(torch.int64)  # bits travel as int64: any width
+        pos, bits = dd.gather(kept.idx + dst.shards[name][1], bits)
+        if dd.main:
+            base = ckpt.read(name)
+            new = base.clone()
+            flat = bits_view(new).view(-1)
+            flat[pos.cpu()] = bits.cpu().to(flat.dtype)
+            out.append(Change.between(name, base, new, silo=dst.silo_info(name)))
+    return out if dd.main else None
 
 
 def checkpoint_dir(o: TrainOptions) -> Path:
@@ -328,6 +364,8 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     stopping on `o.max_bad_steps` non-finite steps in a row; it is removed after a finished run.
     """
     _validate(o)
+    if o.strategy != "none" and resume is not None:
+        raise DstError(f"--resume is not supported with --strategy {o.strategy} yet: resume in one process")
     st = load_state(resume) if resume is not None else None
     base_dir = _resolve_base(o.base)
     default_task = o.data is None
@@ -336,7 +374,10 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     out = Path(o.output)
     check_output(out, o.overwrite, [base_dir, data_path])
     state_dir = checkpoint_dir(o)
-    device = _device(o.device)
+    dd = init_distributed(o.strategy, o.device)
+    if dd.active and o.batch_size % dd.world:
+        raise DstError(f"--batch-size {o.batch_size} (the global batch) must split evenly over {dd.world} processes")
+    device = dd.device if dd.active else _device(o.device)
     amp = DTYPES[o.dtype] if o.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
     if amp == torch.float32:
         amp = None
@@ -354,9 +395,16 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
         p.requires_grad_(False)
     for n in names:
         named[n].requires_grad_(True)
+    run_model, named = dd.wrap(model, named)  # DDP wraps the model, FSDP shards its parameters in place
     trainable = [named[n] for n in names]
-    dst = DST([(n, named[n]) for n in names], epsilon=o.epsilon, params=o.params, silo=o.silo,
-              distance=o.distance, reselect_every=o.reselect_every, seed="none")
+    budget_args = dict(epsilon=o.epsilon, params=o.params, silo=o.silo, distance=o.distance,
+                       reselect_every=o.reselect_every, seed="none")
+    if dd.strategy == "fsdp":  # the engine works on this process's slices
+        local = {n: dd.shard(named[n]) for n in names}
+        dst = DST([(n, local[n][0]) for n in names], **budget_args,
+                  shards={n: (tuple(named[n].shape), local[n][1]) for n in names}, gather=dd.gather)
+    else:
+        dst = DST([(n, named[n]) for n in names], **budget_args)
     opts = _optimizers(o.optimizer, {n: named[n] for n in names if n not in dst.frozen}, o.lr, o.weight_decay)
 
     if o.steps is not None:
@@ -404,10 +452,12 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
         stop.append(signum)
 
     handlers = {}
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and not dd.active:
         for sig in (signal.SIGINT, signal.SIGTERM):
             handlers[sig] = signal.signal(sig, on_signal)
-    metrics_file = open(o.metrics, "a" if st else "w") if o.metrics else None
+    metrics_file = open(o.metrics, "a" if st else "w") if o.metrics and dd.main else None
+    if not dd.main:
+        on_step = None
     t0 = time.time()
     bad_run = 0
     try:
@@ -424,17 +474,24 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
                 del order[:o.batch_size]
                 if bad:
                     continue  # keep the data position as if the step had run
-                inputs, n_tokens = setup.collate(batch, device)
+                inputs, n_tokens = setup.collate(dd.split(batch), device)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = setup.loss(model, inputs)
-                if not torch.isfinite(loss):
-                    bad = f"loss {loss.item()}"
+                    loss = setup.loss(run_model, inputs)
+                value, scale = loss.item(), 1.0
+                if dd.active:  # every rank's share of the mean over the global batch's targets
+                    mine = setup.targets(inputs)
+                    total, summed = dd.sum([mine, value * mine if mine else 0.0])
+                    value, scale = summed / max(total, 1), mine * dd.world / max(total, 1)
+                    n_tokens *= dd.world
+                if not math.isfinite(value):
+                    bad = f"loss {value}"
                     continue
-                (loss / o.grad_accum).backward()
-                loss_sum += loss.item() / o.grad_accum
+                (loss * (scale / o.grad_accum)).backward()
+                loss_sum += value / o.grad_accum
                 tokens += n_tokens
             if bad is None:
                 norm = torch.nn.utils.clip_grad_norm_(trainable, o.clip if o.clip > 0 else math.inf)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
                 if not torch.isfinite(norm):
                     bad = f"gradient norm {norm.item()}"
             if bad:
@@ -446,20 +503,26 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
                 if on_step:
                     on_step(record)
                 if bad_run >= o.max_bad_steps:
-                    save(step)
+                    if not dd.active:
+                        save(step)
+                    where = "" if dd.active else f" and its last good state is in {state_dir}"
                     raise DstError(f"{bad} at step {step}, {bad_run} steps in a row were skipped: the run "
-                                   f"stopped and its last good state is in {state_dir}; lower --lr (now "
-                                   f"{o.lr}) or use --dtype float32 and train again")
+                                   f"stopped{where}; lower --lr (now {o.lr}) or use --dtype float32 and train again")
                 continue
             bad_run = 0
             stats = dst.step(opts)  # each tensor: its optimizer step, then its projection
             model.zero_grad(set_to_none=True)
-            if dst.nonfinite():
+            nonseed, entered, left, nonfinite = stats.nonseed, stats.entered, stats.left, dst.nonfinite()
+            if dd.strategy == "fsdp":  # each process counted its own slices
+                nonseed, entered, left, nonfinite = (int(v) for v in dd.sum([nonseed, entered, left, nonfinite]))
+            elif stats.reselected:
+                dd.check_same(f"the kept set at step {step}", [k.idx for k in dst.kept.values()])
+            if nonfinite:
                 raise DstError(f"parameters became NaN or infinite at step {step}: lower --lr (now {o.lr}) "
                                "or use --dtype float32" + (f"; the last saved state is in {state_dir}"
                                                            if state_dir.exists() else ""))
-            record = {"step": step, "steps": steps, "loss": loss_sum, "lr": lr, "nonseed": stats.nonseed,
-                      "entered": stats.entered, "left": stats.left,
+            record = {"step": step, "steps": steps, "loss": loss_sum, "lr": lr, "nonseed": nonseed,
+                      "entered": entered, "left": left,
                       "tokens_per_s": tokens * (step - first + 1) / max(time.time() - t0, 1e-9)}
             if eval_rows and ((o.eval_every and step % o.eval_every == 0) or step == steps):
                 last = setup.evaluate(model, eval_rows, device, amp)
@@ -489,7 +552,17 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     budget = {"epsilon": o.epsilon, "params": o.params, "silo": o.silo, "distance": o.distance,
               "total": dst.budget, "trainable_params": sum(p.numel() for p in trainable),
               "reselect_every": o.reselect_every}
-    header = save_patch(out, _changes(dst, ckpt, names), run=run, budget=budget, base_params=ckpt.numel)
+    if dd.strategy == "ddp":
+        dd.check_same("the trained values", [named[n].detach().reshape(-1)[k.idx] for n, k in dst.kept.items()])
+    changes = _changes(dst, ckpt, names, dd)
+    if not dd.main:  # rank 0 writes the patch
+        dd.barrier()
+        dd.close()
+        return TrainResult(None, 0, steps, seconds, base_metrics, last, dst.budget, 0, budget["trainable_params"],
+                           [], model)
+    header = save_patch(out, changes, run=run, budget=budget, base_params=ckpt.numel)
+    dd.barrier()
+    dd.close()
     if state_step(state_dir) is not None:
         shutil.rmtree(state_dir, ignore_errors=True)  # finished: the patch is the result
     per_tensor = sorted(((n, e["changed"], e.get("silo", {}).get("budget", 0)) for n, e in header["tensors"].items()),
