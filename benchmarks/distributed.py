@@ -1,6 +1,7 @@
 """Throughput and memory per rank: one process against DDP and FSDP on the same devices.
 
     python benchmarks/distributed.py                          # CPU: 1 process x 2 threads vs 2 x 1
+    python benchmarks/distributed.py --layers 8 --width 512   # a random 26M-parameter GPT instead
     python benchmarks/distributed.py --device cuda --nproc 8  # GPUs: 1 GPU alone vs DDP/FSDP on 8
 
 Each configuration is `dstcli train` on the bundled model and task with the same global batch and
@@ -37,7 +38,7 @@ def worker(args) -> None:
 
     rank = int(os.environ.get("RANK", "0"))
     last: dict = {}
-    r = train(TrainOptions(output=str(args.out / "patch.dst"), steps=args.steps, batch_size=args.batch_size,
+    r = train(TrainOptions(base=args.base, output=str(args.out / "patch.dst"), steps=args.steps, batch_size=args.batch_size,
                            epsilon=args.epsilon, strategy=args.strategy, device=args.device, overwrite=True),
               on_step=lambda rec: last.update(rec))
     report = {"rank": rank, "rss_mb": vm_hwm_mb(), "seconds": r.seconds}
@@ -55,6 +56,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="the global batch")
     ap.add_argument("--epsilon", type=float, default=1e-3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--layers", type=int, default=0, help="train a random GPT of this depth instead of the sample")
+    ap.add_argument("--width", type=int, default=512, help="its hidden size (with --layers)")
+    ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -62,8 +66,18 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    keep = tempfile.TemporaryDirectory()
     me = [sys.executable, __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
           "--epsilon", str(args.epsilon), "--device", args.device, "--worker"]
+    if args.layers:
+        import torch
+
+        from dstcli.model import GPT, GPTConfig, save_model
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=args.layers, n_head=max(1, args.width // 64), n_embd=args.width))
+        save_model(model, Path(keep.name) / "gpt")
+        me += ["--base", str(Path(keep.name) / "gpt")]
+        print(f"random GPT: {sum(p.numel() for p in model.parameters()):,} parameters")
     print("| run | processes | tokens/s | s | peak RSS per rank (MB) |" + (" CUDA MB per rank |" if args.device == "cuda" else ""))
     print("|---|---:|---:|---:|---|" + ("---|" if args.device == "cuda" else ""))
     for strategy in ("none", "ddp", "fsdp"):
