@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dstcli.data import collate, read_jsonl, read_rows  # noqa: E402
 from dstcli.engine import DST  # noqa: E402
 from dstcli.model import GPT, load_config  # noqa: E402
-from dstcli.train import _optimizers, evaluate, samples_dir  # noqa: E402
+from dstcli.train import TrainOptions, _optimizers, evaluate, lr_at, samples_dir  # noqa: E402
 
 KINDS = ["int", "float", "str", "bytes", "list", "tuple", "dict", "set", "bool", "NoneType", "complex"]
 GRIDS = {"dst": [1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3]}
@@ -206,7 +206,7 @@ def train_one(task: Task, spec: dict, lr: float, seed: int) -> dict:
     t0 = time.time()
     steps = task.steps if trainable else 0
     for step in range(1, steps + 1):
-        lr_t = lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+        lr_t = lr_at(step, steps, lr, TrainOptions.warmup)  # dstcli train's schedule and warm-up
         for o in (opts.values() if opts else [opt]):
             for g in o.param_groups:
                 g["lr"] = lr_t

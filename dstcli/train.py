@@ -152,6 +152,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """The learning rate at `step` (1-based) of `steps`: linear warm-up, then cosine decay."""
+    return peak * min(1.0, step / max(1, warmup)) * (0.5 * (1 + math.cos(math.pi * (step - 1) / steps)))
+
+
 def _optimizers(name: str, named: dict[str, torch.nn.Parameter], lr: float,
                 wd: float) -> dict[str, torch.optim.Optimizer]:
     """One optimizer per tensor, so the DST engine can project each tensor right after its own
@@ -462,7 +467,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     bad_run = 0
     try:
         for step in range(first, steps + 1):
-            lr = o.lr * min(1.0, step / max(1, o.warmup)) * (0.5 * (1 + math.cos(math.pi * (step - 1) / steps)))
+            lr = lr_at(step, steps, o.lr, o.warmup)
             for opt in opts.values():
                 for g in opt.param_groups:
                     g["lr"] = lr
