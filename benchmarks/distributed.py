@@ -66,10 +66,10 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    keep = tempfile.TemporaryDirectory()
     me = [sys.executable, __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
           "--epsilon", str(args.epsilon), "--device", args.device, "--worker"]
-    if args.layers:
+    if args.layers:  # the model's directory lives as long as the runs do
+        keep = tempfile.TemporaryDirectory()
         import torch
 
         from dstcli.model import GPT, GPTConfig, save_model
