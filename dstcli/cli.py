@@ -327,10 +327,26 @@ def main() -> None:
         if os.environ.get("DSTCLI_DEBUG"):
             raise
         err.print(f"Error: {e}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _exit(1)
     except KeyboardInterrupt:
         err.print("Error: interrupted; no output was written", markup=False)
-        sys.exit(130)
+        _exit(130)
+    except SystemExit as e:  # typer ends every command this way
+        _exit(e.code)
+
+
+def _exit(code: int | str | None) -> None:
+    """sys.exit, except in a process of a distributed run: the output is complete and flushed
+    there, and interpreter shutdown can abort on the gloo threads torch leaves running
+    (dstcli.distributed.joined), so such a process leaves at once."""
+    dist = sys.modules.get("dstcli.distributed")
+    if dist is None or not dist.joined():
+        sys.exit(code)
+    if isinstance(code, str):
+        err.print(code, markup=False, highlight=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if isinstance(code, str) else code or 0)
 
 
 if __name__ == "__main__":

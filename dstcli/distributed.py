@@ -142,6 +142,18 @@ class Dist:
         return batch[self.rank * per:(self.rank + 1) * per]
 
 
+_joined = False  # this process created a process group (see joined())
+
+
+def joined() -> bool:
+    """Whether this process joined a torch.distributed process group. torch 2.13's DDP keeps
+    the gloo group and its worker threads alive after destroy_process_group() (it leaks a
+    reference), so such a process can abort during interpreter shutdown ("terminate called
+    without an active exception", seen once in CI); the CLI leaves those processes with
+    os._exit after flushing its output."""
+    return _joined
+
+
 def init(strategy: str, device: str) -> Dist:
     """Join the process group torchrun set up (or check that none is expected)."""
     if strategy not in STRATEGIES:
@@ -168,6 +180,8 @@ def init(strategy: str, device: str) -> Dist:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+    global _joined
+    _joined = True
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Dist(strategy, dist.get_rank(), dist.get_world_size(), dev)
