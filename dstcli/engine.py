@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from dstcli.codec import bits_view
@@ -60,9 +61,35 @@ def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
     """How many positions in range(n) two index tensors share (a bitmap of n bools)."""
     if not len(a) or not len(b):
         return 0
+    if a.device.type == "cpu":  # NumPy's fancy indexing is 2-3x torch's on CPU
+        seen = np.zeros(n, dtype=bool)
+        seen[b.numpy()] = True
+        return int(np.count_nonzero(seen[a.numpy()]))
     seen = torch.zeros(n, dtype=torch.bool, device=a.device)
     seen[b] = True
     return int(seen[a].sum())
+
+
+def _take(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """flat[idx] for a 1-D tensor and ascending int64 positions, bit for bit (NumPy on CPU)."""
+    if flat.device.type != "cpu":
+        return flat[idx]
+    return torch.from_numpy(bits_view(flat).numpy()[idx.numpy()]).view(flat.dtype)
+
+
+def _put(flat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+    """flat[idx] = vals in place, bit for bit (NumPy on CPU)."""
+    if flat.device.type != "cpu" or not flat.is_contiguous():
+        flat[idx] = vals
+    else:
+        bits_view(flat).numpy()[idx.numpy()] = bits_view(vals).numpy()
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many entries of two same-dtype 1-D tensors differ in their bits (a 0-d tensor)."""
+    if a.device.type != "cpu":
+        return (bits_view(a) != bits_view(b)).sum()
+    return torch.tensor(int(np.count_nonzero(bits_view(a).numpy() != bits_view(b).numpy())))
 
 
 class DST:
@@ -171,7 +198,7 @@ class DST:
             buf.copy_(p)  # before the step: the seed, except at the kept entries
             optimizers[name].step()
             kept = self.kept[name]
-            buf.view(-1)[kept.idx] = kept.seed_vals
+            _put(buf.view(-1), kept.idx, kept.seed_vals)
             return buf
 
         return self._run(seed_of)
@@ -214,12 +241,13 @@ class DST:
     def _reset_outside(self, name: str, seed: torch.Tensor, idx: torch.Tensor) -> None:
         """Set the parameter to `seed` except at positions idx, which become its kept set."""
         flat = self.params[name].detach().view(-1)
-        vals = flat[idx]
-        seed_vals = seed.reshape(-1)[idx]
-        flat.copy_(seed.reshape(-1))
-        flat[idx] = vals
+        seed = seed.reshape(-1)
+        vals = _take(flat, idx)
+        seed_vals = _take(seed, idx)
+        flat.copy_(seed)
+        _put(flat, idx, vals)
         self.kept[name] = _Kept(idx, seed_vals)
-        self._nonseed[name] = (bits_view(vals) != bits_view(seed_vals)).sum()
+        self._nonseed[name] = _differ(vals, seed_vals)
 
     def _select_tensor(self, name: str, seed: torch.Tensor) -> None:
         p = self.params[name].detach()
@@ -277,10 +305,10 @@ class DST:
             size += len(idx)
             if size > 4 * K:
                 floor, size = self._cut_pool(pool, K), K
+        if size > K:
+            self._cut_pool(pool, K)
         if self.gather is not None:  # each process now holds its own top-K: agree on the global one
             self._cut_pool(pool, K, self._global_keep(pool, K))
-        elif size > K:
-            self._cut_pool(pool, K)
 
     def _global_keep(self, pool: list[tuple[str, torch.Tensor]], K: int) -> torch.Tensor:
         """Which local pool entries are in the top-K over all processes, by (distance, position
@@ -299,25 +327,26 @@ class DST:
         """Keep the pool's top-K (ties to the lower position), or the entries `keep` marks, reset
         the rest; return the K-th largest distance."""
         all_d = torch.cat([v for _, v in pool])
-        if keep is None:
-            keep = torch.zeros(len(all_d), dtype=torch.bool, device=all_d.device)
-            keep[top_indices(all_d, K)] = True
-        ends = torch.tensor([len(v) for _, v in pool], device=keep.device).cumsum(0)
-        owner = torch.searchsorted(ends, torch.nonzero(keep).view(-1), right=True)  # each kept entry's segment
-        kept_each = torch.bincount(owner, minlength=len(pool)).tolist()
-        at = 0
+        chosen = top_indices(all_d, K) if keep is None else torch.nonzero(keep).view(-1)  # ascending
+        lens = [len(v) for _, v in pool]
+        starts = torch.tensor([0] + lens, device=chosen.device).cumsum(0)
+        cuts = torch.searchsorted(chosen, starts).tolist()  # each tensor's share of `chosen`
         for i, (name, vals) in enumerate(pool):
-            n = len(vals)
-            if kept_each[i] < n:  # this tensor lost some entries: back to the seed
-                mine = keep[at:at + n]
-                kept = self.kept[name]
-                flat = self.params[name].detach().view(-1)
-                flat[kept.idx[~mine]] = kept.seed_vals[~mine]
-                self.kept[name] = _Kept(kept.idx[mine], kept.seed_vals[mine])
-                self._nonseed[name] = (bits_view(flat[kept.idx[mine]]) != bits_view(kept.seed_vals[mine])).sum()
-                pool[i] = (name, vals[mine])
-            at += n
-        return float(all_d[keep].min()) if bool(keep.any()) else 0.0
+            n = lens[i]
+            if cuts[i + 1] - cuts[i] == n:
+                continue
+            mine = chosen[cuts[i]:cuts[i + 1]] - int(starts[i])  # this tensor lost some entries
+            gone = torch.ones(n, dtype=torch.bool, device=mine.device)
+            gone[mine] = False
+            gone = torch.nonzero(gone).view(-1)
+            kept = self.kept[name]
+            flat = self.params[name].detach().view(-1)
+            _put(flat, _take(kept.idx, gone), _take(kept.seed_vals, gone))  # back to the seed
+            idx, seed_vals = _take(kept.idx, mine), _take(kept.seed_vals, mine)
+            self.kept[name] = _Kept(idx, seed_vals)
+            self._nonseed[name] = _differ(_take(flat, idx), seed_vals)
+            pool[i] = (name, _take(vals, mine))
+        return float(all_d[chosen].min()) if len(chosen) else 0.0
 
     # ---- resuming -------------------------------------------------------------------------------
 
