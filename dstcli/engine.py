@@ -70,28 +70,6 @@ def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
     return int(seen[a].sum())
 
 
-def _take(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """flat[idx] for a 1-D tensor and ascending int64 positions, bit for bit (NumPy on CPU)."""
-    if flat.device.type != "cpu":
-        return flat[idx]
-    return torch.from_numpy(bits_view(flat).numpy()[idx.numpy()]).view(flat.dtype)
-
-
-def _put(flat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
-    """flat[idx] = vals in place, bit for bit (NumPy on CPU)."""
-    if flat.device.type != "cpu" or not flat.is_contiguous():
-        flat[idx] = vals
-    else:
-        bits_view(flat).numpy()[idx.numpy()] = bits_view(vals).numpy()
-
-
-def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many entries of two same-dtype 1-D tensors differ in their bits (a 0-d tensor)."""
-    if a.device.type != "cpu":
-        return (bits_view(a) != bits_view(b)).sum()
-    return torch.tensor(int(np.count_nonzero(bits_view(a).numpy() != bits_view(b).numpy())))
-
-
 class DST:
     """Dynamic Subset Tuning projection over a set of named parameters.
 
@@ -198,7 +176,7 @@ class DST:
             buf.copy_(p)  # before the step: the seed, except at the kept entries
             optimizers[name].step()
             kept = self.kept[name]
-            _put(buf.view(-1), kept.idx, kept.seed_vals)
+            buf.view(-1)[kept.idx] = kept.seed_vals
             return buf
 
         return self._run(seed_of)
@@ -241,13 +219,12 @@ class DST:
     def _reset_outside(self, name: str, seed: torch.Tensor, idx: torch.Tensor) -> None:
         """Set the parameter to `seed` except at positions idx, which become its kept set."""
         flat = self.params[name].detach().view(-1)
-        seed = seed.reshape(-1)
-        vals = _take(flat, idx)
-        seed_vals = _take(seed, idx)
-        flat.copy_(seed)
-        _put(flat, idx, vals)
+        vals = flat[idx]
+        seed_vals = seed.reshape(-1)[idx]
+        flat.copy_(seed.reshape(-1))
+        flat[idx] = vals
         self.kept[name] = _Kept(idx, seed_vals)
-        self._nonseed[name] = _differ(vals, seed_vals)
+        self._nonseed[name] = (bits_view(vals) != bits_view(seed_vals)).sum()
 
     def _select_tensor(self, name: str, seed: torch.Tensor) -> None:
         p = self.params[name].detach()
@@ -341,11 +318,11 @@ class DST:
             gone = torch.nonzero(gone).view(-1)
             kept = self.kept[name]
             flat = self.params[name].detach().view(-1)
-            _put(flat, _take(kept.idx, gone), _take(kept.seed_vals, gone))  # back to the seed
-            idx, seed_vals = _take(kept.idx, mine), _take(kept.seed_vals, mine)
+            flat[kept.idx[gone]] = kept.seed_vals[gone]  # back to the seed
+            idx, seed_vals = kept.idx[mine], kept.seed_vals[mine]
             self.kept[name] = _Kept(idx, seed_vals)
-            self._nonseed[name] = _differ(_take(flat, idx), seed_vals)
-            pool[i] = (name, _take(vals, mine))
+            self._nonseed[name] = (bits_view(flat[idx]) != bits_view(seed_vals)).sum()
+            pool[i] = (name, vals[mine])
         return float(all_d[chosen].min()) if len(chosen) else 0.0
 
     # ---- resuming -------------------------------------------------------------------------------
