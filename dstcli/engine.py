@@ -263,6 +263,8 @@ class DST:
         is cut back to its top-K, and the entries cut are reset to their seed values on the spot.
         """
         K = self.alloc
+        # distances are float32 unless a tensor is float64 (select.distance): the pool's dtype
+        wide = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
         pool: list[tuple[str, torch.Tensor]] = []  # (name, distances of that tensor's kept entries)
         size, floor = 0, None  # floor: the pool's K-th largest distance, once it holds K
         for name in self.params:
@@ -278,7 +280,7 @@ class DST:
                 above = vals > floor
                 idx, vals = idx[above], vals[above]
             self._reset_outside(name, seed, idx)
-            pool.append((name, vals.to(torch.float64)))
+            pool.append((name, vals.to(wide)))
             size += len(idx)
             if size > 4 * K:
                 floor, size = self._cut_pool(pool, K), K
@@ -313,15 +315,14 @@ class DST:
             if cuts[i + 1] - cuts[i] == n:
                 continue
             mine = chosen[cuts[i]:cuts[i + 1]] - int(starts[i])  # this tensor lost some entries
-            gone = torch.ones(n, dtype=torch.bool, device=mine.device)
-            gone[mine] = False
-            gone = torch.nonzero(gone).view(-1)
             kept = self.kept[name]
             flat = self.params[name].detach().view(-1)
-            flat[kept.idx[gone]] = kept.seed_vals[gone]  # back to the seed
             idx, seed_vals = kept.idx[mine], kept.seed_vals[mine]
+            vals_now = flat[idx]
+            flat[kept.idx] = kept.seed_vals  # all back to the seed, then the survivors' values again
+            flat[idx] = vals_now
             self.kept[name] = _Kept(idx, seed_vals)
-            self._nonseed[name] = (bits_view(flat[idx]) != bits_view(seed_vals)).sum()
+            self._nonseed[name] = (bits_view(vals_now) != bits_view(seed_vals)).sum()
             pool[i] = (name, vals[mine])
         return float(all_d[chosen].min()) if len(chosen) else 0.0
 
