@@ -28,6 +28,7 @@ values written back, is that tensor's seed. Temporary memory is one tensor (the 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -308,13 +309,13 @@ class DST:
         all_d = torch.cat([v for _, v in pool])
         chosen = top_indices(all_d, K) if keep is None else torch.nonzero(keep).view(-1)  # ascending
         lens = [len(v) for _, v in pool]
-        starts = torch.tensor([0] + lens, device=chosen.device).cumsum(0)
-        cuts = torch.searchsorted(chosen, starts).tolist()  # each tensor's share of `chosen`
+        starts = [0, *itertools.accumulate(lens)]
+        cuts = torch.searchsorted(chosen, torch.tensor(starts, device=chosen.device)).tolist()  # each tensor's share
         for i, (name, vals) in enumerate(pool):
             n = lens[i]
             if cuts[i + 1] - cuts[i] == n:
                 continue
-            mine = chosen[cuts[i]:cuts[i + 1]] - int(starts[i])  # this tensor lost some entries
+            mine = chosen[cuts[i]:cuts[i + 1]] - starts[i]  # this tensor lost some entries
             kept = self.kept[name]
             flat = self.params[name].detach().view(-1)
             idx, seed_vals = kept.idx[mine], kept.seed_vals[mine]
