@@ -560,14 +560,12 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     if dd.strategy == "ddp":
         dd.check_same("the trained values", [named[n].detach().reshape(-1)[k.idx] for n, k in dst.kept.items()])
     changes = _changes(dst, ckpt, names, dd)
-    if not dd.main:  # rank 0 writes the patch
-        dd.barrier()
-        dd.close()
+    header = save_patch(out, changes, run=run, budget=budget, base_params=ckpt.numel) if dd.main else None
+    dd.barrier()  # rank 0 has written the patch
+    dd.close()
+    if header is None:  # the other ranks of a distributed run
         return TrainResult(None, 0, steps, seconds, base_metrics, last, dst.budget, 0, budget["trainable_params"],
                            [], model)
-    header = save_patch(out, changes, run=run, budget=budget, base_params=ckpt.numel)
-    dd.barrier()
-    dd.close()
     if state_step(state_dir) is not None:
         shutil.rmtree(state_dir, ignore_errors=True)  # finished: the patch is the result
     per_tensor = sorted(((n, e["changed"], e.get("silo", {}).get("budget", 0)) for n, e in header["tensors"].items()),
