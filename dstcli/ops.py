@@ -8,22 +8,25 @@ import math
 import os
 import re
 import shutil
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from dstcli.checkpoint import Checkpoint, atomic_path, check_output, copy_range, dtype_name
-from dstcli.codec import bits_view
+from dstcli.checkpoint import PIECE, Checkpoint, atomic_path, check_output, copy_range, dtype_name
 from dstcli.errors import DstError
-from dstcli.patchfile import Change, Patch, PatchWriter, apply_change, fingerprint
+from dstcli.fingerprint import Hasher, algorithm_of
+from dstcli.patchfile import Change, Patch, PatchWriter
 from dstcli.select import DISTANCES, GlobalTopK, distance, topk_mask
 from dstcli.silos import SILOS, allocate, budget_total, select_names, silo_rows
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes done) after each tensor
 WORKERS = 2  # threads that read, hash and write tensors in apply and diff
+INT_VIEW_NP = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # codec.INT_VIEW in NumPy
 
 
 def _pairs_or_error(base: Checkpoint, other: Checkpoint) -> None:
@@ -85,12 +88,9 @@ def diff(base_path: str | Path, finetuned_path: str | Path, out: str | Path, *, 
     run = {"command": "diff", "base": str(base.path), "finetuned": str(ft.path), "include": include,
            "exclude": exclude}
     def change_of(name: str) -> Change:  # runs on a worker thread
-        a = base.read(name)
-        if name not in shapes:
-            return Change.between(name, a, a)
-        if not budgeted:
-            return Change.between(name, a, ft.read(name))
-        b = ft.read(name)
+        if not budgeted or name not in shapes:  # piece by piece: a tensor is never in memory whole
+            return _streamed_change(base, ft if name in shapes else None, name, _buffers(3))
+        a, b = base.read(name), ft.read(name)
         d = distance(b, a, dist)
         if gtop is not None:
             keep, info = gtop.mask(d, offsets[name], threshold), {"strategy": "global"}
@@ -100,8 +100,9 @@ def diff(base_path: str | Path, finetuned_path: str | Path, out: str | Path, *, 
             info = {"strategy": silo, "silos": rows, "budget": int(alloc[name].sum())}
         return Change.between(name, a, torch.where(keep, b, a), silo=info)
 
-    # two workers read, compare and hash tensors (both cores); at most WORKERS + 1 tensors are in
-    # flight, and each finished change is encoded and spilled to disk at once
+    # two workers read, compare and hash tensors (both cores; a lossless one in 1 MiB pieces, a
+    # budgeted one whole); at most WORKERS + 1 changes are in flight, and each finished change is
+    # encoded and spilled to disk at once
     with PatchWriter(out) as writer, ThreadPoolExecutor(max_workers=WORKERS) as pool:
         pending: deque = deque()
 
@@ -138,11 +139,13 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
     """Write base + patches (in order) to `out`, mirroring the base's layout, atomically.
 
     Each output byte is written once: unchanged ranges by kernel copy, patched tensors by two
-    worker threads that read, check, patch, check and write them.
+    worker threads that stream them in 1 MiB pieces (read, hash, patch, hash, write), so memory
+    stays at a few pieces whatever the tensor sizes.
 
-    Every changed tensor's fingerprint is checked before the patch touches it (the base fingerprint,
-    or with revert=True the result fingerprint, patches then undone in reverse order) and after
-    (the result, or with revert the base); a mismatch raises DstError unless force=True. `scale`
+    Every changed tensor's fingerprint is checked, patch by patch: the state a patch starts from
+    (the base fingerprint, or with revert=True the result fingerprint, patches then undone in
+    reverse order) and the state it leaves (the result, or with revert the base); a mismatch raises
+    DstError, after the whole tensor was read, unless force=True. `scale`
     multiplies the total change (not bit-exact).
     Returns a summary dict.
     """
@@ -170,7 +173,6 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
             raise DstError(f"{base.path} is not the base {p.path} was made for: {'; '.join(bad[:5])}: "
                            "apply the patch to the checkpoint it was made from")
     touched = sorted({n for p in patches for n, e in p.tensors.items() if e["changed"]})
-    check = "result_fingerprint" if revert else "base_fingerprint"
     changed = 0
     with atomic_path(out, is_dir=base.is_dir) as tmp:
         if base.is_dir:  # every other file (config, tokenizer, index) is copied as it is
@@ -183,37 +185,13 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
         handles = {s: open(t, "wb") for s, t in target.items()}
         _copy_untouched(base, set(touched), handles)
 
-        def patch_one(name: str) -> int:
-            """Read, check, patch, check and write back one tensor (runs on a worker thread)."""
-            info, n = base.tensors[name], 0
-            orig = t = base.read(name)
-            for p in patches:
-                e = p.tensors[name]
-                if not e["changed"]:
-                    continue
-                if not force and fingerprint(t) != e[check]:
-                    raise DstError(f"tensor {name!r} of {base.path} is not the one {p.path} was made for "
-                                   f"(fingerprint {fingerprint(t)}, patch expects {e[check]}): apply it to "
-                                   "the checkpoint it was made from, or pass --force to apply it anyway")
-                idx, xor = p.read_change(name)
-                t = apply_change(t, idx, xor)
-                n += len(idx)
-                after = "base_fingerprint" if revert else "result_fingerprint"
-                if not force and fingerprint(t) != e[after]:  # the blocks passed their CRCs but lie
-                    raise DstError(f"{p.path}: tensor {name!r} does not come out as the patch says "
-                                   f"(fingerprint {fingerprint(t)}, expected {e[after]}); the patch is "
-                                   "corrupt: make it again with dstcli diff or train")
-            if scale != 1.0:  # arithmetic, not bit-exact; entries no patch touched stay as they are
-                moved = (bits_view(t) != bits_view(orig)).reshape(orig.shape)
-                wide = orig.to(torch.float64)
-                t = torch.where(moved, (wide + scale * (t.to(torch.float64) - wide)).to(orig.dtype), orig)
-            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-            if os.pwrite(handles[info.shard].fileno(), data, info.start) != data.nbytes:
-                raise OSError(errno.ENOSPC, f"short write of {name}")
-            return n
+        def patch_one(name: str) -> int:  # runs on a worker thread
+            info = base.tensors[name]
+            return _patch_streamed(base, name, patches, handles[info.shard].fileno(), force=force, scale=scale,
+                                   revert=revert)
 
         try:
-            # two workers: SHA-256, reads and writes release the GIL, so both cores hash
+            # two workers: reads, hashing and writes release the GIL, so both cores work
             pool = ThreadPoolExecutor(max_workers=WORKERS)
             try:
                 for name, fut in [(name, pool.submit(patch_one, name)) for name in touched]:
@@ -227,6 +205,108 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
                 f.close()
     return {"output": str(out), "patches": [str(p.path) for p in patches], "tensors_patched": len(touched),
             "entries_changed": changed, "bytes": base.nbytes, "scale": scale, "revert": revert}
+
+
+_local = threading.local()
+
+
+def _buffers(n: int) -> list[np.ndarray]:
+    """This thread's n reusable read buffers of PIECE bytes (allocated once per thread)."""
+    bufs = [b for b in getattr(_local, "bufs", []) if len(b) == PIECE]
+    while len(bufs) < n:
+        bufs.append(np.empty(PIECE, dtype=np.uint8))
+    _local.bufs = bufs
+    return bufs[:n]
+
+
+def _streamed_change(base: Checkpoint, ft: Checkpoint | None, name: str, bufs: list[np.ndarray]) -> Change:
+    """The lossless change of one tensor (none if ft is None), read piece by piece: both
+    fingerprints, the positions whose bits differ and their XOR, in memory O(piece + changes)."""
+    info = base.tensors[name]
+    ints = INT_VIEW_NP[info.dtype.itemsize]
+    hb, hf = Hasher(), Hasher()
+    idx, old, new = [], [], []
+    if ft is None:
+        for _, a in base.pieces(name, bufs[0]):
+            hb.update(a)
+    else:
+        differ = bufs[2].view(bool)
+        for (first, a), (_, b) in zip(base.pieces(name, bufs[0]), ft.pieces(name, bufs[1])):
+            hb.update(a)
+            hf.update(b)
+            ai, bi = a.view(ints), b.view(ints)
+            at = np.flatnonzero(np.not_equal(ai, bi, out=differ[:len(ai)]))  # 6x nonzero of the XOR
+            if len(at):
+                idx.append(at + first)
+                old.append(ai[at])
+                new.append(bi[at])
+    before = np.concatenate(old) if idx else np.empty(0, dtype=ints)
+    after = np.concatenate(new) if idx else before
+    return Change.at(name, info.dtype, info.shape,
+                     np.concatenate(idx).astype(np.int64) if idx else np.empty(0, dtype=np.int64),
+                     torch.from_numpy(before ^ after), torch.from_numpy(before).view(info.dtype),
+                     torch.from_numpy(after).view(info.dtype), hb.value(), hf.value() if idx else hb.value())
+
+
+def _patch_streamed(base: Checkpoint, name: str, patches: list[Patch], out_fd: int, *, force: bool,
+                    scale: float, revert: bool) -> int:
+    """Read one base tensor piece by piece, apply every patch's XOR to each piece, hash the states
+    the patches name, and write each piece to `out_fd` at the tensor's offset. Then check, patch by
+    patch: the state before it has the fingerprint it expects (else: wrong base), the state after
+    it the one it promises (else: a corrupt patch). Returns the number of entries changed."""
+    info = base.tensors[name]
+    width = info.dtype.itemsize
+    ints = INT_VIEW_NP[width]
+    before, after = ("result_fingerprint", "base_fingerprint") if revert else ("base_fingerprint", "result_fingerprint")
+    stages = [(p, p.tensors[name]) for p in patches if p.tensors[name]["changed"]]
+    changes = []
+    for p, _ in stages:
+        pos, bits = p.read_change(name)
+        changes.append((pos, bits.numpy()))
+    # states[s]: the tensor after s patches; the fingerprints each state must have, by algorithm
+    hashers: list[dict[str, Hasher]] = [{} for _ in range(len(stages) + 1)]
+    if not force:
+        for i, (_, e) in enumerate(stages):
+            for s, fp in ((i, e[before]), (i + 1, e[after])):
+                algo = algorithm_of(fp)
+                hashers[s].setdefault(algo, Hasher(algo))
+    for first, piece in base.pieces(name, _buffers(1)[0]):
+        bits = piece.view(ints)
+        end = first + len(bits)
+        spans = [np.searchsorted(pos, (first, end)) for pos, _ in changes]
+        if scale != 1.0:
+            touched = np.unique(np.concatenate([pos[a:b] for (pos, _), (a, b) in zip(changes, spans)])) - first
+            orig = bits[touched].copy()
+        for h in hashers[0].values():
+            h.update(piece)
+        for s, ((pos, xor), (a, b)) in enumerate(zip(changes, spans), start=1):
+            if b > a:
+                bits[pos[a:b] - first] ^= xor[a:b]
+            for h in hashers[s].values():
+                h.update(piece)
+        if scale != 1.0 and len(touched):  # arithmetic, not bit-exact; entries no patch touched stay
+            was_bits, now_bits = torch.from_numpy(orig), torch.from_numpy(bits[touched])
+            was, now = was_bits.view(info.dtype), now_bits.view(info.dtype)
+            wide = was.to(torch.float64)
+            moved = (wide + scale * (now.to(torch.float64) - wide)).to(info.dtype)
+            bits[touched] = torch.where(now_bits != was_bits, moved, was).view(was_bits.dtype).numpy()
+        if os.pwrite(out_fd, piece, info.start + first * width) != len(piece):
+            raise OSError(errno.ENOSPC, f"short write of {name}")
+    for i, (p, e) in enumerate(stages):
+        for s, key in ((i, before), (i + 1, after)):
+            if force:
+                continue
+            got = hashers[s][algorithm_of(e[key])].value()
+            if got == e[key]:
+                continue
+            if s == i:
+                raise DstError(f"tensor {name!r} of {base.path} is not the one {p.path} was made for "
+                               f"(fingerprint {got}, patch expects {e[key]}): apply it to the checkpoint "
+                               "it was made from, or pass --force to apply it anyway")
+            raise DstError(f"{p.path}: tensor {name!r} does not come out as the patch says (fingerprint "
+                           f"{got}, expected {e[key]}); the patch is corrupt: make it again with dstcli "
+                           "diff or train")
+    return sum(len(pos) for pos, _ in changes)
 
 
 def _copy_untouched(base: Checkpoint, touched: set[str], handles: dict) -> None:

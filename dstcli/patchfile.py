@@ -9,7 +9,6 @@ See docs/FORMAT.md for the exact layout. Every reader check raises `DstError`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,22 +26,18 @@ from dstcli.checkpoint import atomic_path, copy_range, dtype_name
 from dstcli.codec import (INT_VIEW, VALUE_CODECS, bits_view, compress, decode_index, decode_values, decompress,
                           encode_values, index_block, index_raw_size)
 from dstcli.errors import DstError
+from dstcli.fingerprint import algorithm_of, fingerprint
 
 FORMAT = "dstcli-patch"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # what each format version may use: a v1 header naming a v2 codec is lying
 INDEX_CODECS = {1: ("all", "elias-fano", "bitmap"), 2: ("all", "elias-fano", "bitmap", "rice", "varint")}
-VALUE_CODECS_BY_VERSION = {1: ("xor-byteplanes",), 2: ("xor-byteplanes", "xor")}
+INDEX_CODECS[3] = INDEX_CODECS[2]
+VALUE_CODECS_BY_VERSION = {1: ("xor-byteplanes",), 2: ("xor-byteplanes", "xor"), 3: ("xor-byteplanes", "xor")}
+FINGERPRINTS_BY_VERSION = {1: ("sha256",), 2: ("sha256",), 3: ("sha256", "xxh3")}
 METADATA_KEY = "dstcli"
 DTYPES = {dtype_name(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                         torch.float8_e4m3fn, torch.float8_e5m2)}
-
-
-def fingerprint(t: torch.Tensor) -> str:
-    """sha256 (first 128 bits) of a tensor's raw little-endian bytes: identifies a base tensor."""
-    flat = t.contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:32]
 
 
 def _is_int(x: Any) -> bool:
@@ -74,13 +69,20 @@ class Change:
         b, n = bits_view(base), bits_view(new)
         xor = torch.bitwise_xor(b, n)
         idx = torch.nonzero(xor).reshape(-1)
-        wide = torch.float64
-        delta = new.reshape(-1)[idx].to(wide) - base.reshape(-1)[idx].to(wide)
+        return cls.at(name, base.dtype, tuple(base.shape), idx.numpy(), xor[idx].clone(), base.reshape(-1)[idx],
+                      new.reshape(-1)[idx], fingerprint(base), fingerprint(new) if len(idx) else fingerprint(base),
+                      silo=silo)
+
+    @classmethod
+    def at(cls, name: str, dtype: torch.dtype, shape: tuple[int, ...], idx: np.ndarray, xor: torch.Tensor,
+           old: torch.Tensor, new: torch.Tensor, base_fp: str, result_fp: str, *,
+           silo: dict | None = None) -> "Change":
+        """A change from its parts: positions, XOR bits, and the entries there before and after
+        (for the delta statistics)."""
+        delta = new.to(torch.float64) - old.to(torch.float64)
         l2 = float(torch.linalg.vector_norm(delta)) if len(idx) else 0.0
         mx = float(delta.abs().max()) if len(idx) else 0.0
-        return cls(name, base.dtype, tuple(base.shape), idx.numpy(), xor[idx].clone(),
-                   fingerprint(base), fingerprint(new) if len(idx) else fingerprint(base),
-                   _finite(l2), _finite(mx), silo or {})
+        return cls(name, dtype, shape, idx, xor, base_fp, result_fp, _finite(l2), _finite(mx), silo or {})
 
     @property
     def numel(self) -> int:
@@ -245,7 +247,7 @@ class Patch:
         expected = set()
         for name, e in h["tensors"].items():
             try:
-                if not isinstance(e, dict) or not all(isinstance(e.get(f), str) and e[f].startswith("sha256:")
+                if not isinstance(e, dict) or not all(algorithm_of(e.get(f)) in FINGERPRINTS_BY_VERSION[v]
                                                       for f in ("base_fingerprint", "result_fingerprint")):
                     raise self._bad(f"tensor {name!r} has no valid fingerprints")
                 if not all(isinstance(e.get(f), (int, float)) or e.get(f) in ("inf", "-inf", "nan")

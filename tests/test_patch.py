@@ -21,9 +21,13 @@ def files_equal(a, b) -> bool:
 
 
 @given(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       st.lists(st.integers(1, 30), min_size=1, max_size=3), st.floats(0, 1), st.integers(0, 999))
+       st.lists(st.integers(1, 30), min_size=1, max_size=3), st.floats(0, 1), st.integers(0, 999),
+       st.sampled_from([1, 6, 64, 1 << 24]))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_lossless_round_trip_is_bit_exact(tmp_path_factory, dtype, shape, frac, seed):
+def test_lossless_round_trip_is_bit_exact(tmp_path_factory, monkeypatch, dtype, shape, frac, seed, piece):
+    """Also in pieces of a few bytes: apply and diff stream tensors, and a piece holds whole entries
+    (1 byte rounds up to none: refused; 6 bytes: one fp32 entry or three 16-bit ones)."""
+    monkeypatch.setattr(ops, "PIECE", max(piece, 4 if dtype == torch.float32 else 2))
     tmp = tmp_path_factory.mktemp("rt")
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(shape, generator=g).to(dtype)
@@ -224,14 +228,84 @@ def test_headers_that_lie_are_refused(tmp_path, lie):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def test_a_format_1_patch_still_applies(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_patches_of_earlier_formats_still_apply(tmp_path, version):
     """tests/fixtures/v1.dst was written by dstcli 0.1.0 (format 1: Elias-Fano and bitmap indexes,
-    byte-plane values); today's reader must apply and revert it bit for bit."""
-    assert Patch(FIXTURES / "v1.dst").header["format_version"] == 1
-    ops.apply(FIXTURES / "v1-base.safetensors", [FIXTURES / "v1.dst"], tmp_path / "out.safetensors")
+    byte-plane values), v2.dst by the last format-2 dstcli (Rice and varint indexes, raw XOR values);
+    both carry SHA-256 fingerprints. Today's reader must apply and revert them bit for bit."""
+    patch = FIXTURES / f"v{version}.dst"
+    assert Patch(patch).header["format_version"] == version
+    assert all(e["base_fingerprint"].startswith("sha256:") for e in Patch(patch).tensors.values())
+    ops.apply(FIXTURES / "v1-base.safetensors", [patch], tmp_path / "out.safetensors")
     assert (tmp_path / "out.safetensors").read_bytes() == (FIXTURES / "v1-result.safetensors").read_bytes()
-    ops.apply(tmp_path / "out.safetensors", [FIXTURES / "v1.dst"], tmp_path / "back.safetensors", revert=True)
+    ops.apply(tmp_path / "out.safetensors", [patch], tmp_path / "back.safetensors", revert=True)
     assert (tmp_path / "back.safetensors").read_bytes() == (FIXTURES / "v1-base.safetensors").read_bytes()
+
+
+def test_new_patches_are_format_3_with_xxh3_fingerprints(tmp_path, pair):
+    base, ft, _, _ = pair
+    ops.diff(base, ft, tmp_path / "p.dst")
+    p = Patch(tmp_path / "p.dst")
+    assert p.header["format_version"] == 3
+    fps = [e[f] for e in p.tensors.values() for f in ("base_fingerprint", "result_fingerprint")]
+    assert fps and all(fp.startswith("xxh3:") and len(fp) == 5 + 32 for fp in fps)
+
+
+def _states(tmp: Path) -> list[Path]:
+    """Three checkpoints, each a fine-tune of the one before (bf16, fp32 and an int tensor)."""
+    g = torch.Generator().manual_seed(5)
+    s = {"w": torch.randn(67, 61, generator=g).to(torch.bfloat16), "b": torch.randn(29, generator=g),
+         "n": torch.arange(5)}
+    paths = []
+    for i in range(3):
+        if i:
+            s = {k: v.clone() for k, v in s.items()}
+            s["w"].view(-1)[i::5] += 0.25 * i
+            s["b"][i::3] *= -2.0
+        paths.append(tmp / f"s{i}.safetensors")
+        save_file(s, str(paths[-1]))
+    return paths
+
+
+@pytest.mark.parametrize("piece", [1 << 20, 64, 6])
+def test_stacked_patches_apply_revert_and_scale_in_pieces(tmp_path, monkeypatch, piece):
+    """Several patches in one apply, the second made against the first's result; --revert undoes
+    both; a patch out of order is refused; --scale moves only the patched entries. Tensors are
+    streamed in pieces of `piece` bytes, so patches and checks cross piece boundaries."""
+    monkeypatch.setattr(ops, "PIECE", piece)
+    s0, s1, s2 = _states(tmp_path)
+    ops.diff(s0, s1, tmp_path / "p1.dst")
+    ops.diff(s1, s2, tmp_path / "p2.dst")
+    ops.apply(s0, [tmp_path / "p1.dst", tmp_path / "p2.dst"], tmp_path / "top.safetensors")
+    assert files_equal(tmp_path / "top.safetensors", s2)
+    ops.apply(s2, [tmp_path / "p1.dst", tmp_path / "p2.dst"], tmp_path / "back.safetensors", revert=True)
+    assert files_equal(tmp_path / "back.safetensors", s0)
+    with pytest.raises(DstError, match="not the one .*p2.dst was made for"):
+        ops.apply(s0, [tmp_path / "p2.dst"], tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+    ops.apply(s0, [tmp_path / "p1.dst"], tmp_path / "half.safetensors", scale=0.5)
+    a, b, half = (load_file(str(p)) for p in (s0, s1, tmp_path / "half.safetensors"))
+    for k in a:
+        if not a[k].is_floating_point():
+            assert torch.equal(half[k], a[k])
+            continue
+        wide = a[k].double()
+        want = torch.where(bits_view(a[k]).view(a[k].shape) != bits_view(b[k]).view(a[k].shape),
+                           (wide + 0.5 * (b[k].double() - wide)).to(a[k].dtype), a[k])
+        assert torch.equal(bits_view(half[k]), bits_view(want)), k
+
+
+def test_a_format_2_patch_and_a_new_one_stack(tmp_path):
+    """A SHA-256 patch (format 2) and an XXH3 patch (format 3) made on its result, in one apply."""
+    res = load_file(str(FIXTURES / "v1-result.safetensors"))
+    top = {k: (v * 3 if v.is_floating_point() else v) for k, v in res.items()}
+    save_file(top, str(tmp_path / "top.safetensors"))
+    ops.diff(FIXTURES / "v1-result.safetensors", tmp_path / "top.safetensors", tmp_path / "new.dst")
+    patches = [FIXTURES / "v2.dst", tmp_path / "new.dst"]
+    ops.apply(FIXTURES / "v1-base.safetensors", patches, tmp_path / "out.safetensors")
+    assert files_equal(tmp_path / "out.safetensors", tmp_path / "top.safetensors")
+    ops.apply(tmp_path / "out.safetensors", patches, tmp_path / "back.safetensors", revert=True)
+    assert files_equal(tmp_path / "back.safetensors", FIXTURES / "v1-base.safetensors")
 
 
 @pytest.mark.parametrize("index_codec", ["elias-fano", "bitmap", "rice", "varint"])
