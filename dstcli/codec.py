@@ -27,6 +27,7 @@ import zstandard
 from dstcli.errors import DstError
 
 INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+INT_VIEW_NP = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # the same views in NumPy
 _CHUNK = 1 << 20  # positions packed per chunk: bounds temporaries to ~l MB; a multiple of 8
 
 

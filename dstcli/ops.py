@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dstcli.checkpoint import PIECE, Checkpoint, atomic_path, check_output, copy_range, dtype_name
+from dstcli.codec import INT_VIEW_NP
 from dstcli.errors import DstError
 from dstcli.fingerprint import Hasher, algorithm_of
 from dstcli.patchfile import Change, Patch, PatchWriter
@@ -26,7 +27,6 @@ from dstcli.silos import SILOS, allocate, budget_total, select_names, silo_rows
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes done) after each tensor
 WORKERS = 2  # threads that read, hash and write tensors in apply and diff
-INT_VIEW_NP = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # codec.INT_VIEW in NumPy
 
 
 def _pairs_or_error(base: Checkpoint, other: Checkpoint) -> None:
@@ -292,10 +292,8 @@ def _patch_streamed(base: Checkpoint, name: str, patches: list[Patch], out_fd: i
             bits[touched] = torch.where(now_bits != was_bits, moved, was).view(was_bits.dtype).numpy()
         if os.pwrite(out_fd, piece, info.start + first * width) != len(piece):
             raise OSError(errno.ENOSPC, f"short write of {name}")
-    for i, (p, e) in enumerate(stages):
+    for i, (p, e) in enumerate([] if force else stages):
         for s, key in ((i, before), (i + 1, after)):
-            if force:
-                continue
             got = hashers[s][algorithm_of(e[key])].value()
             if got == e[key]:
                 continue

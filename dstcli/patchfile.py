@@ -31,8 +31,8 @@ from dstcli.fingerprint import algorithm_of, fingerprint
 FORMAT = "dstcli-patch"
 FORMAT_VERSION = 3
 # what each format version may use: a v1 header naming a v2 codec is lying
-INDEX_CODECS = {1: ("all", "elias-fano", "bitmap"), 2: ("all", "elias-fano", "bitmap", "rice", "varint")}
-INDEX_CODECS[3] = INDEX_CODECS[2]
+INDEX_CODECS = {1: ("all", "elias-fano", "bitmap"), 2: ("all", "elias-fano", "bitmap", "rice", "varint"),
+                3: ("all", "elias-fano", "bitmap", "rice", "varint")}
 VALUE_CODECS_BY_VERSION = {1: ("xor-byteplanes",), 2: ("xor-byteplanes", "xor"), 3: ("xor-byteplanes", "xor")}
 FINGERPRINTS_BY_VERSION = {1: ("sha256",), 2: ("sha256",), 3: ("sha256", "xxh3")}
 METADATA_KEY = "dstcli"
@@ -69,9 +69,9 @@ class Change:
         b, n = bits_view(base), bits_view(new)
         xor = torch.bitwise_xor(b, n)
         idx = torch.nonzero(xor).reshape(-1)
+        base_fp = fingerprint(base)
         return cls.at(name, base.dtype, tuple(base.shape), idx.numpy(), xor[idx].clone(), base.reshape(-1)[idx],
-                      new.reshape(-1)[idx], fingerprint(base), fingerprint(new) if len(idx) else fingerprint(base),
-                      silo=silo)
+                      new.reshape(-1)[idx], base_fp, fingerprint(new) if len(idx) else base_fp, silo=silo)
 
     @classmethod
     def at(cls, name: str, dtype: torch.dtype, shape: tuple[int, ...], idx: np.ndarray, xor: torch.Tensor,
@@ -331,12 +331,3 @@ class Patch:
 def open_patch(path: str | os.PathLike) -> Patch:
     return Patch(path)
 
-
-def apply_change(t: torch.Tensor, idx: np.ndarray, xor: torch.Tensor) -> torch.Tensor:
-    """A new tensor with the XOR applied at idx (XOR is its own inverse: this also reverts)."""
-    out = t.detach().clone().contiguous()
-    bits = bits_view(out)
-    if len(idx):
-        ti = torch.from_numpy(idx)
-        bits[ti] = torch.bitwise_xor(bits[ti], xor)
-    return out
