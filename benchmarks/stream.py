@@ -163,7 +163,7 @@ def main() -> None:
             print(f"| {name} | {sec:.1f} | {total / sec / 1e9:.2f} | {cp / sec:.2f}x | "
                   f"{min(ratios):.2f}-{max(ratios):.2f}x | {'-' if peak is None else f'{peak:.0f}'} | {over} | "
                   f"{2 * largest / 2**20 + 256:.0f} |")
-        print(f"| dstcli inspect (runtime baseline: torch loaded, no tensors) | | | | | {baseline:.0f} | 0 | |")
+        print(f"| dstcli inspect (runtime baseline: interpreter and libraries, no tensors) | | | | | {baseline:.0f} | 0 | |")
         print(f"apply output equals the fine-tune byte for byte: {same}")
     finally:
         if args.keep:

@@ -21,19 +21,12 @@ zstd-compressed, whichever is smaller. Every decoder checks what it is given and
 from __future__ import annotations
 
 import numpy as np
-import torch
 import zstandard
 
+from dstcli.dtypes import INT_VIEW_NP
 from dstcli.errors import DstError
 
-INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-INT_VIEW_NP = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # the same views in NumPy
 _CHUNK = 1 << 20  # positions packed per chunk: bounds temporaries to ~l MB; a multiple of 8
-
-
-def bits_view(t: torch.Tensor) -> torch.Tensor:
-    """The flat integer view of a tensor's bit patterns (same width, no copy when contiguous)."""
-    return t.contiguous().reshape(-1).view(INT_VIEW[t.element_size()])
 
 
 # --- index codecs -----------------------------------------------------------------------------
@@ -226,25 +219,25 @@ def decode_index(codec: str, params: dict, raw: bytes, n: int, k: int) -> np.nda
 VALUE_CODECS = ("xor-byteplanes", "xor")
 
 
-def encode_values(xor: torch.Tensor, codec: str = "xor-byteplanes") -> bytes:
+def encode_values(xor: np.ndarray, codec: str = "xor-byteplanes") -> bytes:
     """XOR bit patterns (k,) as bytes: ``xor`` little-endian entry after entry; ``xor-byteplanes``
     plane 0 (least significant byte) of all entries, then plane 1, ..."""
-    width = xor.element_size()
-    raw = xor.contiguous().view(torch.uint8).reshape(-1, width)
-    return (raw if codec == "xor" else raw.T).contiguous().numpy().tobytes()
+    width = xor.itemsize
+    raw = np.ascontiguousarray(xor).view(np.uint8).reshape(-1, width)
+    return (raw if codec == "xor" else raw.T).tobytes()
 
 
-def decode_values(raw: bytes, k: int, width: int, codec: str = "xor-byteplanes") -> torch.Tensor:
-    """Inverse of encode_values: (k,) integer tensor of the given byte width; never a zero XOR."""
+def decode_values(raw: bytes, k: int, width: int, codec: str = "xor-byteplanes") -> np.ndarray:
+    """Inverse of encode_values: (k,) integer array of the given byte width; never a zero XOR."""
     if codec not in VALUE_CODECS:
         raise DstError(f"unknown value codec {codec!r}: this patch needs a newer dstcli (pip install -U dstcli)")
     if len(raw) != k * width:
         raise DstError("value block has the wrong size")
     if k == 0:
-        return torch.empty(0, dtype=INT_VIEW[width])
-    planes = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    xor = (planes.reshape(k, width) if codec == "xor" else planes.reshape(width, k).T).flatten().clone().view(INT_VIEW[width])
-    if bool((xor == 0).any()):
+        return np.empty(0, dtype=INT_VIEW_NP[width])
+    planes = np.frombuffer(raw, dtype=np.uint8)
+    xor = (planes.reshape(k, width) if codec == "xor" else planes.reshape(width, k).T).flatten().view(INT_VIEW_NP[width])
+    if not xor.all():
         raise DstError("value block holds an entry that does not change anything")
     return xor
 

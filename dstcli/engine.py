@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from dstcli.codec import bits_view
+from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
 from dstcli.select import DISTANCES, distance, positions_above, top_indices, topk_mask

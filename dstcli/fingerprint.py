@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
-import torch
+import numpy as np
 import xxhash
 
 from dstcli.errors import DstError
@@ -53,10 +53,9 @@ class Hasher:
         return f"{self.algorithm}:{self._h.hexdigest()[:32]}"
 
 
-def fingerprint(t: torch.Tensor, algorithm: str = DEFAULT) -> str:
-    """The fingerprint of a tensor in memory."""
+def fingerprint(bits: np.ndarray, algorithm: str = DEFAULT) -> str:
+    """The fingerprint of a tensor in memory, given as its bits (any NumPy view of its bytes)."""
     h = Hasher(algorithm)
-    flat = t.detach().contiguous().reshape(-1)
-    if flat.numel():
-        h.update(flat.view(torch.uint8).numpy())
+    if bits.size:
+        h.update(np.ascontiguousarray(bits).reshape(-1).view(np.uint8))
     return h.value()

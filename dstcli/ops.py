@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from dstcli.checkpoint import PIECE, Checkpoint, atomic_path, check_output, copy_range, dtype_name
-from dstcli.codec import INT_VIEW_NP
+from dstcli.checkpoint import PIECE, Checkpoint, atomic_path, check_output, copy_range, preallocate
+from dstcli.dtypes import dtype_name
 from dstcli.errors import DstError
 from dstcli.fingerprint import Hasher, algorithm_of
 from dstcli.patchfile import Change, Patch, PatchWriter
-from dstcli.select import DISTANCES, GlobalTopK, distance, topk_mask
 from dstcli.silos import SILOS, allocate, budget_total, select_names, silo_rows
+
+# torch is imported only where tensors are computed with (a budgeted diff, apply --scale): apply,
+# lossless diff and inspect move bits with NumPy and start ~2 s sooner without it
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes done) after each tensor
 WORKERS = 2  # threads that read, hash and write tensors in apply and diff
@@ -55,21 +56,27 @@ def diff(base_path: str | Path, finetuned_path: str | Path, out: str | Path, *, 
     With `epsilon` or `params`, each silo keeps only its top-k entries by `dist` (docs/DST.md).
     Returns the patch header. Raises DstError on mismatched checkpoints or bad options.
     """
+    budgeted = epsilon is not None or params is not None
     if silo not in SILOS:
         raise DstError(f"unknown silo strategy {silo!r}: choose one of {', '.join(SILOS)}")
-    if dist not in DISTANCES:
-        raise DstError(f"unknown distance {dist!r}: choose one of {', '.join(DISTANCES)}")
+    if budgeted:
+        from dstcli.select import DISTANCES, GlobalTopK, distance, topk_mask
+
+        if dist not in DISTANCES:
+            raise DstError(f"unknown distance {dist!r}: choose one of {', '.join(DISTANCES)}")
+    elif (silo, dist) != ("tensor", "absolute"):
+        raise DstError("--silo and --distance choose entries for a budget: add --epsilon or --params, "
+                       "or leave them out for a lossless diff")
     out = Path(out)
     base, ft = Checkpoint(base_path), Checkpoint(finetuned_path)
     check_output(out, overwrite, [base.path, ft.path])
     _pairs_or_error(base, ft)
     floats = [n for n, t in base.tensors.items() if t.patchable]
     for name, info in base.tensors.items():
-        if not info.patchable and not torch.equal(base.read(name), ft.read(name)):
+        if not info.patchable and not _same_bytes(base, ft, name):
             raise DstError(f"tensor {name!r} ({dtype_name(info.dtype)}) differs, but only floating-point "
                            "tensors can be patched: these checkpoints are not a fine-tune of one another")
     chosen = select_names(floats, include, exclude) if (include or exclude) else floats
-    budgeted = epsilon is not None or params is not None
     shapes = {n: base.tensors[n].shape for n in chosen}
     alloc = allocate(shapes, silo, epsilon=epsilon, params=params) if budgeted else None
     if budgeted and budget_total(alloc) == 0:
@@ -98,7 +105,7 @@ def diff(base_path: str | Path, finetuned_path: str | Path, out: str | Path, *, 
             rows = silo_rows(a.shape, silo)
             keep = topk_mask(d.reshape(rows, -1), alloc[name]).reshape(a.shape)
             info = {"strategy": silo, "silos": rows, "budget": int(alloc[name].sum())}
-        return Change.between(name, a, torch.where(keep, b, a), silo=info)
+        return Change.between(name, a, b.where(keep, a), silo=info)
 
     # two workers read, compare and hash tensors (both cores; a lossless one in 1 MiB pieces, a
     # budgeted one whole); at most WORKERS + 1 changes are in flight, and each finished change is
@@ -223,7 +230,7 @@ def _streamed_change(base: Checkpoint, ft: Checkpoint | None, name: str, bufs: l
     """The lossless change of one tensor (none if ft is None), read piece by piece: both
     fingerprints, the positions whose bits differ and their XOR, in memory O(piece + changes)."""
     info = base.tensors[name]
-    ints = INT_VIEW_NP[info.dtype.itemsize]
+    ints = info.dtype.ints
     hb, hf = Hasher(), Hasher()
     idx, old, new = [], [], []
     if ft is None:
@@ -241,11 +248,14 @@ def _streamed_change(base: Checkpoint, ft: Checkpoint | None, name: str, bufs: l
                 old.append(ai[at])
                 new.append(bi[at])
     before = np.concatenate(old) if idx else np.empty(0, dtype=ints)
-    after = np.concatenate(new) if idx else before
-    return Change.at(name, info.dtype, info.shape,
-                     np.concatenate(idx).astype(np.int64) if idx else np.empty(0, dtype=np.int64),
-                     torch.from_numpy(before ^ after), torch.from_numpy(before).view(info.dtype),
-                     torch.from_numpy(after).view(info.dtype), hb.value(), hf.value() if idx else hb.value())
+    return Change.at(name, info.dtype, info.shape, np.concatenate(idx) if idx else np.empty(0, dtype=np.int64),
+                     before, np.concatenate(new) if idx else before, hb.value(), hf.value() if idx else hb.value())
+
+
+def _same_bytes(a: Checkpoint, b: Checkpoint, name: str) -> bool:
+    """Whether one tensor's bytes are the same in two checkpoints (read piece by piece)."""
+    bufs = [np.empty(max(PIECE, 8), dtype=np.uint8) for _ in range(2)]  # 8: an entry of any dtype
+    return all(np.array_equal(x, y) for (_, x), (_, y) in zip(a.pieces(name, bufs[0]), b.pieces(name, bufs[1])))
 
 
 def _patch_streamed(base: Checkpoint, name: str, patches: list[Patch], out_fd: int, *, force: bool,
@@ -256,13 +266,10 @@ def _patch_streamed(base: Checkpoint, name: str, patches: list[Patch], out_fd: i
     it the one it promises (else: a corrupt patch). Returns the number of entries changed."""
     info = base.tensors[name]
     width = info.dtype.itemsize
-    ints = INT_VIEW_NP[width]
+    ints = info.dtype.ints
     before, after = ("result_fingerprint", "base_fingerprint") if revert else ("base_fingerprint", "result_fingerprint")
     stages = [(p, p.tensors[name]) for p in patches if p.tensors[name]["changed"]]
-    changes = []
-    for p, _ in stages:
-        pos, bits = p.read_change(name)
-        changes.append((pos, bits.numpy()))
+    changes = [p.read_change(name) for p, _ in stages]
     # states[s]: the tensor after s patches; the fingerprints each state must have, by algorithm
     hashers: list[dict[str, Hasher]] = [{} for _ in range(len(stages) + 1)]
     if not force:
@@ -285,11 +292,7 @@ def _patch_streamed(base: Checkpoint, name: str, patches: list[Patch], out_fd: i
             for h in hashers[s].values():
                 h.update(piece)
         if scale != 1.0 and len(touched):  # arithmetic, not bit-exact; entries no patch touched stay
-            was_bits, now_bits = torch.from_numpy(orig), torch.from_numpy(bits[touched])
-            was, now = was_bits.view(info.dtype), now_bits.view(info.dtype)
-            wide = was.to(torch.float64)
-            moved = (wide + scale * (now.to(torch.float64) - wide)).to(info.dtype)
-            bits[touched] = torch.where(now_bits != was_bits, moved, was).view(was_bits.dtype).numpy()
+            bits[touched] = _scaled(orig, bits[touched], scale, info.dtype)
         if os.pwrite(out_fd, piece, info.start + first * width) != len(piece):
             raise OSError(errno.ENOSPC, f"short write of {name}")
     for i, (p, e) in enumerate([] if force else stages):
@@ -307,6 +310,17 @@ def _patch_streamed(base: Checkpoint, name: str, patches: list[Patch], out_fd: i
     return sum(len(pos) for pos, _ in changes)
 
 
+def _scaled(was: np.ndarray, now: np.ndarray, scale: float, dtype) -> np.ndarray:
+    """Bits of was + scale * (now - was), computed in float64 and rounded to dtype by torch (the
+    one place apply needs it: NumPy has no bfloat16 or float8); entries with now == was stay."""
+    import torch
+
+    was_t, now_t = torch.from_numpy(was), torch.from_numpy(now)
+    wide = was_t.view(dtype.torch).to(torch.float64)
+    moved = (wide + scale * (now_t.view(dtype.torch).to(torch.float64) - wide)).to(dtype.torch)
+    return torch.where(now_t != was_t, moved.view(was_t.dtype), was_t).numpy()
+
+
 def _copy_untouched(base: Checkpoint, touched: set[str], handles: dict) -> None:
     """Write every byte of each shard that no patch changes (header, untouched tensors) into its
     output file at the same offset, by kernel copy (copy_file_range) where the system has it; the
@@ -321,7 +335,7 @@ def _copy_untouched(base: Checkpoint, touched: set[str], handles: dict) -> None:
             at = max(at, b)
         if size > at:
             ranges.append((at, size))
-        out.truncate(size)
+        preallocate(out, size)
         with open(shard, "rb") as src:
             for a, b in ranges:
                 copy_range(src, out, a, a, b - a)

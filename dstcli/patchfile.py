@@ -15,18 +15,21 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
 
 from dstcli import __version__
-from dstcli.checkpoint import atomic_path, copy_range, dtype_name
-from dstcli.codec import (INT_VIEW, VALUE_CODECS, bits_view, compress, decode_index, decode_values, decompress,
-                          encode_values, index_block, index_raw_size)
+from dstcli.checkpoint import atomic_path, copy_range
+from dstcli.codec import (VALUE_CODECS, compress, decode_index, decode_values, decompress, encode_values,
+                          index_block, index_raw_size)
+from dstcli.dtypes import FLOATS as DTYPES, DType, bits_view, of_torch
 from dstcli.errors import DstError
 from dstcli.fingerprint import algorithm_of, fingerprint
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "dstcli-patch"
 FORMAT_VERSION = 3
@@ -36,8 +39,6 @@ INDEX_CODECS = {1: ("all", "elias-fano", "bitmap"), 2: ("all", "elias-fano", "bi
 VALUE_CODECS_BY_VERSION = {1: ("xor-byteplanes",), 2: ("xor-byteplanes", "xor"), 3: ("xor-byteplanes", "xor")}
 FINGERPRINTS_BY_VERSION = {1: ("sha256",), 2: ("sha256",), 3: ("sha256", "xxh3")}
 METADATA_KEY = "dstcli"
-DTYPES = {dtype_name(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
-                                        torch.float8_e4m3fn, torch.float8_e5m2)}
 
 
 def _is_int(x: Any) -> bool:
@@ -53,10 +54,10 @@ class Change:
     """The difference between two same-shaped tensors: positions and XOR bit patterns."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     index: np.ndarray  # (k,) int64, strictly increasing
-    xor: torch.Tensor  # (k,) integer view of the same width as dtype
+    xor: np.ndarray  # (k,) integer view of the same width as dtype
     base_fingerprint: str
     result_fingerprint: str
     delta_l2: float | str = 0.0
@@ -65,24 +66,24 @@ class Change:
 
     @classmethod
     def between(cls, name: str, base: torch.Tensor, new: torch.Tensor, *, silo: dict | None = None) -> "Change":
-        """Every entry whose bits differ between base and new (same shape and dtype)."""
-        b, n = bits_view(base), bits_view(new)
-        xor = torch.bitwise_xor(b, n)
-        idx = torch.nonzero(xor).reshape(-1)
-        base_fp = fingerprint(base)
-        return cls.at(name, base.dtype, tuple(base.shape), idx.numpy(), xor[idx].clone(), base.reshape(-1)[idx],
-                      new.reshape(-1)[idx], base_fp, fingerprint(new) if len(idx) else base_fp, silo=silo)
+        """Every entry whose bits differ between two torch tensors of the same shape and dtype."""
+        b, n = bits_view(base).numpy(), bits_view(new).numpy()
+        idx = np.flatnonzero(b != n)
+        base_fp = fingerprint(b)
+        return cls.at(name, of_torch(base.dtype), tuple(base.shape), idx, b[idx], n[idx], base_fp,
+                      fingerprint(n) if len(idx) else base_fp, silo=silo)
 
     @classmethod
-    def at(cls, name: str, dtype: torch.dtype, shape: tuple[int, ...], idx: np.ndarray, xor: torch.Tensor,
-           old: torch.Tensor, new: torch.Tensor, base_fp: str, result_fp: str, *,
-           silo: dict | None = None) -> "Change":
-        """A change from its parts: positions, XOR bits, and the entries there before and after
-        (for the delta statistics)."""
-        delta = new.to(torch.float64) - old.to(torch.float64)
-        l2 = float(torch.linalg.vector_norm(delta)) if len(idx) else 0.0
-        mx = float(delta.abs().max()) if len(idx) else 0.0
-        return cls(name, dtype, shape, idx, xor, base_fp, result_fp, _finite(l2), _finite(mx), silo or {})
+    def at(cls, name: str, dtype: DType, shape: tuple[int, ...], idx: np.ndarray, old: np.ndarray,
+           new: np.ndarray, base_fp: str, result_fp: str, *, silo: dict | None = None) -> "Change":
+        """A change from its parts: positions and the bits there before and after (integer views
+        of the tensor's width; the XOR is kept, the values give the delta statistics)."""
+        delta = dtype.to_float64(new) - dtype.to_float64(old)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is a NaN delta, as it should be
+            l2 = float(np.sqrt(np.sum(delta * delta))) if len(idx) else 0.0
+            mx = float(np.max(np.abs(delta))) if len(idx) else 0.0
+        return cls(name, dtype, shape, idx.astype(np.int64, copy=False), old ^ new, base_fp, result_fp,
+                   _finite(l2), _finite(mx), silo or {})
 
     @property
     def numel(self) -> int:
@@ -99,7 +100,7 @@ def _block(raw: bytes, packed: tuple[str, bytes] | None = None) -> tuple[dict, b
 def _encode(ch: Change) -> tuple[dict[str, Any], dict[str, bytes]]:
     """One tensor's header entry and its stored blocks (per tensor: the smallest codecs)."""
     k, n = len(ch.index), ch.numel
-    entry: dict[str, Any] = {"dtype": dtype_name(ch.dtype), "shape": list(ch.shape), "numel": n,
+    entry: dict[str, Any] = {"dtype": ch.dtype.name, "shape": list(ch.shape), "numel": n,
                              "changed": k, "base_fingerprint": ch.base_fingerprint,
                              "result_fingerprint": ch.result_fingerprint,
                              "delta_l2": ch.delta_l2, "delta_max": ch.delta_max}
@@ -310,12 +311,12 @@ class Patch:
             raise self._bad(f"checksum mismatch in the {kind} block of tensor {name!r}")
         return decompress(b["compression"], stored, b["raw_bytes"])
 
-    def read_change(self, name: str) -> tuple[np.ndarray, torch.Tensor]:
+    def read_change(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(positions int64 (k,), XOR bit patterns (k,)) for one tensor; empty when unchanged."""
         e = self.tensors[name]
         k, n, width = e["changed"], e["numel"], DTYPES[e["dtype"]].itemsize
         if k == 0:
-            return np.empty(0, dtype=np.int64), torch.empty(0, dtype=INT_VIEW[width])
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=DTYPES[e["dtype"]].ints)
         try:
             idx = decode_index(e["index"]["codec"], e["index"], self._read_block(name, "index"), n, k)
             xor = decode_values(self._read_block(name, "values"), k, width, e["values"]["codec"])

@@ -12,10 +12,12 @@ from __future__ import annotations
 import fnmatch
 import math
 from fractions import Fraction
-
-import torch
+from typing import TYPE_CHECKING
 
 from dstcli.errors import DstError
+
+if TYPE_CHECKING:
+    import torch
 
 SILOS = ("tensor", "global", "row")
 
@@ -42,6 +44,8 @@ def allocate(shapes: dict[str, tuple[int, ...]], strategy: str, *, epsilon: floa
 
     Tensor order (for ties and the global silo) is the order of `shapes`.
     """
+    import torch  # here, not at the top: apply, lossless diff and inspect run without torch
+
     if strategy not in SILOS:
         raise DstError(f"unknown silo strategy {strategy!r}: choose one of {', '.join(SILOS)}")
     check_budget(epsilon, params)

@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 from torch.nn import functional as F
 
-from dstcli.checkpoint import Checkpoint, check_output, dtype_name
-from dstcli.codec import bits_view
+from dstcli.checkpoint import Checkpoint, check_output
+from dstcli.dtypes import bits_view, dtype_name
 from dstcli.data import Example, collate, read_jsonl, read_rows
 from dstcli.distributed import STRATEGIES, Dist
 from dstcli.distributed import init as init_distributed

@@ -76,3 +76,14 @@ def test_apply_refuses_wrong_base_unless_forced(tmp_path, pair, monkeypatch, cap
     assert not (tmp_path / "o.safetensors").exists()
     run("apply", ft, tmp_path / "p.dst", "-o", tmp_path / "o.safetensors", "--force")
     assert (tmp_path / "o.safetensors").read_bytes() == base.read_bytes()  # XOR twice is the identity
+
+
+def test_silo_and_distance_need_a_budget(tmp_path, pair, monkeypatch, capsys):
+    base, ft, _, _ = pair
+    for opt in (("--silo", "row"), ("--distance", "relative")):
+        code, _, err = run_main(monkeypatch, capsys, "diff", base, ft, "-o", tmp_path / "p.dst", *opt)
+        assert code == 1 and err.startswith("Error: --silo and --distance") and "--epsilon" in err, err
+    code, _, err = run_main(monkeypatch, capsys, "diff", base, ft, "-o", tmp_path / "p.dst", "--epsilon", "0.1",
+                            "--distance", "bogus")
+    assert code == 1 and "unknown distance 'bogus'" in err
+    assert not (tmp_path / "p.dst").exists()

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dstcli.checkpoint import Checkpoint
-from dstcli.codec import bits_view
+from dstcli.dtypes import bits_view
 from dstcli.distributed import Dist
 from dstcli.engine import DST
 from dstcli.patchfile import open_patch
@@ -112,7 +112,7 @@ def _entries(path: Path, base_dir: Path | None = None) -> dict[str, tuple[np.nda
     for name in p.tensors:
         idx, xor = p.read_change(name)
         vals = base.read(name).reshape(-1)[idx].clone()
-        bits_view(vals).bitwise_xor_(xor)
+        bits_view(vals).bitwise_xor_(torch.from_numpy(xor))
         out[name] = (idx, vals)
     return out
 

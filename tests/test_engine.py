@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dstcli.codec import bits_view
+from dstcli.dtypes import bits_view
 from dstcli.engine import DST
 from dstcli.errors import DstError
 from reference import ref_distance, ref_project

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_pair
 from dstcli import ops
-from dstcli.codec import bits_view
+from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Patch
 from reference import ref_distance, ref_keep
