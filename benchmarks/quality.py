@@ -193,7 +193,7 @@ def train_one(task: Task, spec: dict, lr: float, seed: int) -> dict:
             dst = DST(named.items(), params=spec["params"], silo=spec["silo"], distance=spec["distance"],
                       reselect_every=spec["reselect"], seed="none")
             named = {n: p for n, p in named.items() if n not in dst.frozen}
-            opts = _optimizers("adamw", named, lr, 0.0)
+            opts = _optimizers("adamw", named, dst.buckets(), lr, 0.0)
         trainable = list(named.values())
     else:
         trainable = []

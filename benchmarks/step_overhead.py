@@ -6,11 +6,14 @@
 
 Per configuration (model, epsilon, silo) it times, interleaved round by round on the same inputs:
   full    one AdamW over all parameters: forward, backward, step (plain fine-tuning);
-  dst     what `dstcli train` runs: one AdamW per tensor, each tensor projected right after its
-          own update by dstcli's engine (no copy of the seed);
+  dst     what `dstcli train` runs: one AdamW per bucket of consecutive tensors (DST.buckets),
+          each bucket projected right after its own update by dstcli's engine (no seed copy);
   obvious the textbook projection after one AdamW step: a full fp32 copy of the seed, distance,
           torch.topk per silo, torch.where (the baseline the lean engine replaces).
-Each step = forward + backward + optimizer + projection, median over the timed rounds. Peak memory:
+Each step = forward + backward + optimizer + projection, median over the timed rounds. The update
+(optimizer + projection) is also timed alone: forward and backward are the same work in every
+mode, so "dst / full by updates" = (full step + dst update - full update) / full step is the
+same ratio with far less of this machine's noise in it. Peak memory:
 on CPU each mode runs alone in a child process for 3 steps and reports its peak RSS (VmHWM); on CUDA,
 torch.cuda.max_memory_allocated per mode. Weights are float32 unless --weights bf16; autocast
 bf16 on CUDA (as `dstcli train` does there).
@@ -84,28 +87,36 @@ class Runner:
         named = dict(self.model.named_parameters())
         if mode == "dst":
             self.dst = DST(named.items(), epsilon=eps, silo=silo, seed="none")
-            self.opts = {n: torch.optim.AdamW([p], lr=1e-3) for n, p in named.items() if n not in self.dst.frozen}
+            self.opts = {}
+            for names in self.dst.buckets():  # as `dstcli train` does: one AdamW per bucket of tensors
+                opt = torch.optim.AdamW([named[n] for n in names], lr=1e-3)
+                self.opts.update({n: opt for n in names})
         else:
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
             self.obvious = Obvious(named, eps, silo) if mode == "obvious" else None
 
-    def step(self, x: torch.Tensor) -> float:
+    def step(self, x: torch.Tensor) -> tuple[float, float]:
+        """Seconds for the whole step, and for its update (optimizer + projection) alone."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             logits = self.model(x[:, :-1])
         F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        u = time.perf_counter()
         if self.mode == "dst":
             self.dst.step(self.opts)
         else:
             self.opt.step()
             if self.obvious:
                 self.obvious.project()
-        self.model.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t
+        end = time.perf_counter()
+        self.model.zero_grad(set_to_none=True)
+        return end - t, end - u
 
 
 def batches(cfg: GPTConfig, args, device: torch.device, n: int) -> list[torch.Tensor]:
@@ -168,9 +179,10 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {dev}, torch {torch.__version__}, batch {args.batch}x{args.seq} tokens, {args.weights} weights, "
           f"median of {args.steps} interleaved steps")
-    print("| model | params | epsilon | silo | full ms | dst ms | obvious ms | dst / full | obvious / full |"
+    print("| model | params | epsilon | silo | full ms | dst ms | obvious ms | dst / full | obvious / full | "
+          "update ms full / dst / obvious | dst / full by updates |"
           + ("" if args.no_memory else " full MB | dst MB | obvious MB |"))
-    print("|---|---|---|---|---|---|---|---|---|" + ("" if args.no_memory else "---|---|---|"))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("" if args.no_memory else "---|---|---|"))
     for model in args.models:
         cfg = MODELS[model]
         for silo in args.silos:
@@ -183,16 +195,23 @@ def main() -> None:
                 n = sum(p.numel() for p in runners["full"].model.parameters())
                 xs = batches(cfg, args, device, args.steps + 2)
                 times = {m: [] for m in modes}
+                updates = {m: [] for m in modes}
                 for i, x in enumerate(xs):
                     for m in (modes if i % 2 == 0 else modes[::-1]):  # alternate the order
-                        t = runners[m].step(x)
+                        t, u = runners[m].step(x)
                         if i >= 2:
                             times[m].append(t)
+                            updates[m].append(u)
                 del runners
                 med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
+                upd = {m: statistics.median(v) * 1e3 for m, v in updates.items()}
                 ob = med.get("obvious", float("nan"))
+                # forward and backward are the same work in every mode: the full step plus the
+                # difference of the updates is a far less noisy estimate of the DST step
+                by_upd = (med["full"] + upd["dst"] - upd["full"]) / med["full"]
                 row = (f"| {model} | {n / 1e6:.2f}M | {eps:g} | {silo} | {med['full']:.1f} | {med['dst']:.1f} | "
-                       f"{ob:.1f} | {med['dst'] / med['full']:.3f} | {ob / med['full']:.3f} |")
+                       f"{ob:.1f} | {med['dst'] / med['full']:.3f} | {ob / med['full']:.3f} | "
+                       f"{upd['full']:.1f} / {upd['dst']:.1f} / {upd.get('obvious', float('nan')):.1f} | {by_upd:.3f} |")
                 if not args.no_memory:
                     mem = {m: peak_memory_mb(m, model, eps, silo, args) for m in modes}
                     row += " " + " | ".join(f"{mem.get(m, float('nan')):.0f}" for m in MODES) + " |"

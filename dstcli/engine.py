@@ -1,14 +1,19 @@
 """The DST engine: after each optimizer step, keep per silo only the entries farthest from the seed.
 
-Two ways to drive it. The lean one steps each tensor's own optimizer and projects that tensor
-right away, so no copy of the seed is ever held (only the kept entries' seed values, O(epsilon n)):
+Two ways to drive it. The lean one steps the optimizer of each bucket of consecutive tensors
+(at most the largest tensor's size) and projects those tensors right away, so no copy of the seed
+is ever held (only the kept entries' seed values, O(epsilon n)):
 
     dst = DST(model.named_parameters(), epsilon=1e-3, seed="none")
-    opts = {name: torch.optim.AdamW([p], lr=lr) for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    opts = {}
+    for names in dst.buckets():            # one optimizer per tensor works too, a little slower
+        opt = torch.optim.AdamW([params[n] for n in names], lr=lr)
+        opts.update({n: opt for n in names})
     for batch in data:
         loss(batch).backward()
-        stats = dst.step(opts)                 # per tensor: snapshot, opt.step(), project
-        for o in opts.values(): o.zero_grad()
+        stats = dst.step(opts)                 # per bucket: snapshot, opt.step(), project
+        model.zero_grad()
 
 The plain one projects after an ordinary optimizer step; it needs the whole seed, either copied
 (``seed="copy"``, the default) or given as a mapping (e.g. tensors memory-mapped from the base
@@ -22,8 +27,8 @@ Both give bit-identical parameters. The optimizer is untouched: a reset entry ke
 state and can come back later (churn). Resets copy the seed bits exactly.
 
 Why the lean way needs no seed: outside the kept set the value before a step *is* the seed value,
-so a snapshot of one tensor taken just before its update, with the kept entries' stored seed
-values written back, is that tensor's seed. Temporary memory is one tensor (the largest).
+so a snapshot of a bucket taken just before its update, with the kept entries' stored seed
+values written back, is its tensors' seed. Temporary memory is one bucket (the largest tensor).
 """
 
 from __future__ import annotations
@@ -69,6 +74,14 @@ def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
     seen = torch.zeros(n, dtype=torch.bool, device=a.device)
     seen[b] = True
     return int(seen[a].sum())
+
+
+def _put(t: torch.Tensor, kept: _Kept) -> None:
+    """Write a kept set's seed values back into a (contiguous) tensor at its positions."""
+    if t.device.type == "cpu":  # NumPy's put on the bits is 2-3x torch's index_put here
+        bits_view(t).numpy()[kept.idx.numpy()] = bits_view(kept.seed_vals).numpy()
+    else:
+        t.view(-1)[kept.idx] = kept.seed_vals
 
 
 class DST:
@@ -118,7 +131,7 @@ class DST:
         self.kept = {n: _Kept(torch.empty(0, dtype=torch.long, device=p.device), p.detach().new_empty(0))
                      for n, p in self.params.items()}
         self.frozen = {n for n in self.params if self._budget_of(n) == 0}  # always the seed
-        self._nonseed: dict[str, torch.Tensor] = {}
+        self._nonseed: dict[str, torch.Tensor | int] = {}  # per tensor: entries off the seed
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
 
@@ -159,36 +172,85 @@ class DST:
 
     @torch.no_grad()
     def step(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> StepStats:
-        """Step each tensor's own optimizer and project that tensor at once (the lean path).
+        """Step each tensor's optimizer and project its tensors at once (the lean path).
 
-        `optimizers[name]` must update only that parameter. Tensors whose budget is zero are not
+        `optimizers[name]` updates that parameter; several names may share one optimizer (see
+        `buckets`), which then must update exactly those parameters, consecutive in this DST's
+        order and of one dtype and device: it is stepped once, after a snapshot of all of them,
+        so the temporary memory is the largest such group. Tensors whose budget is zero are not
         stepped at all (they would be reset to the seed anyway).
         """
-        missing = [n for n in self.params if n not in optimizers and n not in self.frozen]
-        if missing:
-            raise DstError(f"no optimizer for {missing[0]!r}: give one optimizer per parameter")
+        groups = self._groups(optimizers)
+        snap: dict[str, torch.Tensor] = {}
 
         def seed_of(name: str) -> torch.Tensor:
-            p = self.params[name].detach()
-            if self.seed is not None:
+            if name not in snap:  # the first tensor of its group: snapshot the group, step it
+                names = groups[name]
+                if self.seed is None:
+                    flat = self._buffer(sum(self.params[n].numel() for n in names), self.params[name])
+                    at = 0
+                    for n in names:  # before the step: the seed, except at the kept entries
+                        p = self.params[n].detach()
+                        snap[n] = flat[at:at + p.numel()].view(p.shape)
+                        snap[n].copy_(p)
+                        at += p.numel()
                 optimizers[name].step()
-                return self.seed[name]
-            buf = self._buffer(p)
-            buf.copy_(p)  # before the step: the seed, except at the kept entries
-            optimizers[name].step()
-            kept = self.kept[name]
-            buf.view(-1)[kept.idx] = kept.seed_vals
-            return buf
+                for n in names:
+                    if self.seed is not None:
+                        snap[n] = self.seed[n]
+                    else:
+                        _put(snap[n], self.kept[n])
+            return snap.pop(name)
 
         return self._run(seed_of)
 
-    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
-        n = p.numel()
+    def _groups(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, list[str]]:
+        """name -> the names its optimizer steps (in order); checks the mapping is usable."""
+        order = [n for n in self.params if n not in self.frozen]
+        missing = [n for n in order if n not in optimizers]
+        if missing:
+            raise DstError(f"no optimizer for {missing[0]!r}: give one optimizer per parameter or per bucket")
+        by_opt: dict[int, list[str]] = {}
+        for n in order:
+            by_opt.setdefault(id(optimizers[n]), []).append(n)
+        out = {}
+        pos = {n: i for i, n in enumerate(order)}
+        for names in by_opt.values():
+            first = self.params[names[0]]
+            if (pos[names[-1]] - pos[names[0]] != len(names) - 1
+                    or any(self.params[n].dtype != first.dtype or self.params[n].device != first.device for n in names)):
+                raise DstError(f"the optimizer of {names[0]!r} also steps {names[-1]!r}: one optimizer may only "
+                               "hold consecutive parameters of one dtype and device (see DST.buckets)")
+            for n in names:
+                out[n] = names
+        return out
+
+    def buckets(self, limit: int | None = None) -> list[list[str]]:
+        """The parameters to step, grouped for one optimizer each: consecutive tensors of one dtype
+        and device whose entries add up to at most `limit` (default: the largest tensor's), so
+        stepping a bucket at once keeps the snapshot at one tensor's size. Fewer, larger
+        optimizer calls save most of their per-call cost (one AdamW call per tensor of the
+        bundled model took 4.7 ms per step against 2.8-3.6 ms for one call over all of them)."""
+        order = [n for n in self.params if n not in self.frozen]
+        if limit is None:
+            limit = max((self.params[n].numel() for n in order), default=0)
+        out: list[list[str]] = []
+        size = 0
+        for n in order:
+            p, prev = self.params[n], self.params[out[-1][0]] if out else None
+            if prev is None or size + p.numel() > limit or p.dtype != prev.dtype or p.device != prev.device:
+                out.append([])
+                size = 0
+            out[-1].append(n)
+            size += p.numel()
+        return out
+
+    def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """A reused flat scratch of n entries (dtype and device of `like`)."""
         s = self._scratch
-        if s is None or s.numel() < n or s.dtype != p.dtype or s.device != p.device:
-            largest = max(q.numel() for q in self.params.values() if q.dtype == p.dtype and q.device == p.device)
-            s = self._scratch = torch.empty(largest, dtype=p.dtype, device=p.device)
-        return s[:n].view(p.shape)
+        if s is None or s.numel() < n or s.dtype != like.dtype or s.device != like.device:
+            s = self._scratch = torch.empty(n, dtype=like.dtype, device=like.device)
+        return s[:n]
 
     def _run(self, seed_of) -> StepStats:
         self.step_count += 1
@@ -220,6 +282,14 @@ class DST:
     def _reset_outside(self, name: str, seed: torch.Tensor, idx: torch.Tensor) -> None:
         """Set the parameter to `seed` except at positions idx, which become its kept set."""
         flat = self.params[name].detach().view(-1)
+        if flat.device.type == "cpu":  # the same on the bits in NumPy: its take/put are 2-3x torch's here
+            now, was, at = bits_view(flat).numpy(), bits_view(seed).numpy(), idx.numpy()
+            vals, seed_vals = now[at], was[at]
+            flat.copy_(seed.reshape(-1))  # torch's copy: threaded on big tensors
+            now[at] = vals
+            self.kept[name] = _Kept(idx, torch.from_numpy(seed_vals).view(flat.dtype))
+            self._nonseed[name] = int(np.count_nonzero(vals != seed_vals))
+            return
         vals = flat[idx]
         seed_vals = seed.reshape(-1)[idx]
         flat.copy_(seed.reshape(-1))
@@ -357,8 +427,9 @@ class DST:
     def nonseed(self) -> int:
         """How many entries differ from the seed (bit for bit) after the last step: only kept
         entries can, and each projection counts them while it has them in hand."""
-        counts = [c.cpu() for c in self._nonseed.values()]
-        return int(torch.stack(counts).sum()) if counts else 0
+        counts = [c.cpu() for c in self._nonseed.values() if torch.is_tensor(c)]  # one sync, not one per tensor
+        return (int(torch.stack(counts).sum()) if counts else 0) + sum(
+            c for c in self._nonseed.values() if not torch.is_tensor(c))
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:

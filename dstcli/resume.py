@@ -66,12 +66,14 @@ def save_state(directory: Path, *, step: int, options: dict, info: dict, changes
         tensors[f"kept::{name}"] = idx.detach().cpu().contiguous()
         tensors[f"vals::{name}"] = vals.detach().cpu().contiguous()
     scalars: dict[str, Any] = {}
-    for name, opt in optimizers.items():
-        for key, value in opt.state_dict()["state"].get(0, {}).items():
-            if torch.is_tensor(value):
-                tensors[f"opt::{name}::{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{name}::{key}"] = value
+    for opt, names in _by_optimizer(optimizers):
+        state = opt.state_dict()["state"]
+        for i, name in enumerate(names):
+            for key, value in state.get(i, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"opt::{name}::{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{name}::{key}"] = value
     tensors.update({f"rng::{k}": v.cpu().contiguous() for k, v in rng.items()})
     tensors["order"] = torch.tensor(order, dtype=torch.long)
     meta = {"version": STATE_VERSION, "step": step, "options": options, "info": info, "optimizer_scalars": scalars}
@@ -121,3 +123,20 @@ def load_state(directory: str | Path) -> State:
     if "order" not in tensors or "torch" not in rng or "data" not in rng or set(kept) != set(values):
         raise DstError(f"training state {d} lacks part of its contents: it is incomplete")
     return State(d, step, options, dict(meta.get("info", {})), kept, values, optim, rng, tensors["order"].tolist())
+
+
+def _by_optimizer(optimizers: dict[str, torch.optim.Optimizer]) -> list[tuple[torch.optim.Optimizer, list[str]]]:
+    """Each distinct optimizer with the names it steps; a shared optimizer's names must come in the
+    order of its parameters (as train's per-bucket optimizers do), which is its state's order."""
+    groups: dict[int, tuple[torch.optim.Optimizer, list[str]]] = {}
+    for name, opt in optimizers.items():
+        groups.setdefault(id(opt), (opt, []))[1].append(name)
+    return list(groups.values())
+
+
+def load_optimizer_states(optimizers: dict[str, torch.optim.Optimizer], optim: dict[str, dict[str, Any]]) -> None:
+    """Give each optimizer the per-parameter states a saved run left (State.optim), by name."""
+    for opt, names in _by_optimizer(optimizers):
+        state = {i: optim[n] for i, n in enumerate(names) if n in optim}
+        if state:
+            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})

@@ -32,7 +32,7 @@ from dstcli.errors import DstError
 from dstcli.hf import is_hf_dir
 from dstcli.model import GPT, encode, load_config
 from dstcli.patchfile import Change, save_patch
-from dstcli.resume import file_digest, load_state, save_state, state_step
+from dstcli.resume import file_digest, load_optimizer_states, load_state, save_state, state_step
 from dstcli.select import DISTANCES
 from dstcli.silos import SILOS, check_budget, select_names
 
@@ -157,18 +157,23 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, step / max(1, warmup)) * (0.5 * (1 + math.cos(math.pi * (step - 1) / steps)))
 
 
-def _optimizers(name: str, named: dict[str, torch.nn.Parameter], lr: float,
+def _optimizers(name: str, named: dict[str, torch.nn.Parameter], buckets: list[list[str]], lr: float,
                 wd: float) -> dict[str, torch.optim.Optimizer]:
-    """One optimizer per tensor, so the DST engine can project each tensor right after its own
-    update without a copy of the seed. Every optimizer here updates each tensor independently, so
-    this is the same arithmetic as one optimizer over all of them (tests/test_engine.py checks it)."""
-    def one(p: torch.nn.Parameter) -> torch.optim.Optimizer:
+    """One optimizer per bucket of consecutive tensors (DST.buckets: at most the largest tensor's
+    entries each), so the DST engine can project each bucket right after its own update without a
+    copy of the seed. Every optimizer here updates each tensor independently, so this is the same
+    arithmetic as one optimizer over all of them (tests/test_engine.py checks it)."""
+    def make(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if name == "adamw":
-            return torch.optim.AdamW([p], lr=lr, weight_decay=wd)
+            return torch.optim.AdamW(ps, lr=lr, weight_decay=wd)
         if name == "sgd":
-            return torch.optim.SGD([p], lr=lr, momentum=0.9, weight_decay=wd)
-        return torch.optim.Adafactor([p], lr=lr, weight_decay=wd)
-    return {n: one(p) for n, p in named.items()}
+            return torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=wd)
+        return torch.optim.Adafactor(ps, lr=lr, weight_decay=wd)
+    out = {}
+    for names in buckets:
+        opt = make([named[n] for n in names])
+        out.update({n: opt for n in names})
+    return out
 
 
 @torch.no_grad()
@@ -410,7 +415,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
                   shards={n: (tuple(named[n].shape), local[n][1]) for n in names}, gather=dd.gather)
     else:
         dst = DST([(n, named[n]) for n in names], **budget_args)
-    opts = _optimizers(o.optimizer, {n: named[n] for n in names if n not in dst.frozen}, o.lr, o.weight_decay)
+    opts = _optimizers(o.optimizer, named, dst.buckets(), o.lr, o.weight_decay)
 
     if o.steps is not None:
         steps = o.steps
@@ -426,9 +431,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
         if set(st.kept) != set(names):
             raise DstError(f"the saved run trained other tensors than {base_dir} offers: resume on the same base")
         dst.restore(st.kept, st.step, st.values)
-        for n, opt in opts.items():
-            if n in st.optim:
-                opt.load_state_dict({"state": {0: st.optim[n]}, "param_groups": opt.state_dict()["param_groups"]})
+        load_optimizer_states(opts, st.optim)
         torch.set_rng_state(st.rng["torch"])
         gen.set_state(st.rng["data"])
         if "cuda" in st.rng and torch.cuda.is_available():
@@ -468,7 +471,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
     try:
         for step in range(first, steps + 1):
             lr = lr_at(step, steps, o.lr, o.warmup)
-            for opt in opts.values():
+            for opt in {id(x): x for x in opts.values()}.values():
                 for g in opt.param_groups:
                     g["lr"] = lr
             tokens, loss_sum, bad = 0, 0.0, None
@@ -515,7 +518,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
                                    f"stopped{where}; lower --lr (now {o.lr}) or use --dtype float32 and train again")
                 continue
             bad_run = 0
-            stats = dst.step(opts)  # each tensor: its optimizer step, then its projection
+            stats = dst.step(opts)  # each bucket: its optimizer step, then its tensors' projection
             model.zero_grad(set_to_none=True)
             nonseed, entered, left, nonfinite = stats.nonseed, stats.entered, stats.left, dst.nonfinite()
             if dd.strategy == "fsdp":  # each process counted its own slices

@@ -29,29 +29,38 @@ def batches(n):
 @pytest.mark.parametrize("dist", ["absolute", "relative", "inverse-relative"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reselect", [1, 3, None])
-@pytest.mark.parametrize("mode", ["lean", "copy", "mapped"])
+@pytest.mark.parametrize("mode", ["lean", "bucketed", "one", "copy", "mapped"])
 def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect, mode):
     """The fast engine against the plain full-sort oracle, step after step. `lean` steps one
-    AdamW per tensor and keeps no seed; the reference steps one AdamW over all tensors."""
+    AdamW per tensor and keeps no seed, `bucketed` one AdamW per DST.buckets() group ([a], [b, c]),
+    `one` one AdamW over all three; the reference steps one AdamW over all tensors."""
     eps = 0.1
     model = Tiny(dtype)
     names = ["a", "b", "c"]
     seeds = [getattr(model, n).detach().clone() for n in names]
-    seed = {"lean": "none", "copy": "copy", "mapped": {n: s.clone() for n, s in zip(names, seeds)}}[mode]
+    seed = {"copy": "copy", "mapped": {n: s.clone() for n, s in zip(names, seeds)}}.get(mode, "none")
     dst = DST([(n, getattr(model, n)) for n in names], epsilon=eps, silo=silo, distance=dist,
               reselect_every=reselect, seed=seed)
     ref_model = Tiny(dtype)
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=0.05)
     opts = {n: torch.optim.AdamW([getattr(model, n)], lr=0.05) for n in names}
+    if mode in ("bucketed", "one"):
+        groups = dst.buckets() if mode == "bucketed" else dst.buckets(limit=10**9)
+        assert groups == ([["a"], ["b", "c"]] if mode == "bucketed" else [names])
+        opts = {}
+        for g in groups:
+            opt = torch.optim.AdamW([getattr(model, n) for n in g], lr=0.05)
+            opts.update({n: opt for n in g})
     ref_mask = None
     for step, x in enumerate(batches(7), 1):
         for o in (*opts.values(), ref_opt):
             o.zero_grad()
+        lean = mode in ("lean", "bucketed", "one")
         model.loss(x).backward()
         ref_model.loss(x).backward()
         ref_opt.step()
         cand = [getattr(ref_model, n).detach().clone() for n in names]
-        stats = dst.step(opts) if mode == "lean" else (opts["a"].step(), opts["b"].step(), opts["c"].step(), dst.project())[-1]
+        stats = dst.step(opts) if lean else (opts["a"].step(), opts["b"].step(), opts["c"].step(), dst.project())[-1]
         due = step == 1 if reselect is None else (step - 1) % reselect == 0
         want, mask = ref_project(cand, seeds, epsilon=eps, silo=silo, distance=dist, mask=None if due else ref_mask)
         ref_mask = mask
@@ -178,3 +187,24 @@ def test_global_pool_with_many_tensors_matches_reference(eps, ties):
         # the engine's starting point for the next step is its own projected state
         for p, w in zip(params, want):
             p.data.copy_(w)
+
+
+def test_buckets_and_shared_optimizers():
+    """Buckets are consecutive, of one dtype, at most the limit (default: the largest tensor);
+    an optimizer over parameters that are not consecutive, or of two dtypes, is refused."""
+    m = torch.nn.Module()
+    sizes = [(30,), (10,), (10,), (25,), (40,), (5,)]
+    for i, sh in enumerate(sizes):
+        m.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(sh, dtype=torch.bfloat16 if i == 3 else torch.float32)))
+    dst = DST(m.named_parameters(), epsilon=0.5, seed="none")
+    assert dst.buckets() == [["p0", "p1"], ["p2"], ["p3"], ["p4"], ["p5"]]  # greedy up to 40; p3 is bf16
+    assert dst.buckets(limit=20) == [["p0"], ["p1", "p2"], ["p3"], ["p4"], ["p5"]]
+    assert dst.buckets(limit=10) == [["p0"], ["p1"], ["p2"], ["p3"], ["p4"], ["p5"]]
+    params = dict(m.named_parameters())
+    apart = torch.optim.SGD([params["p0"], params["p2"]], lr=0.1)
+    opts = {n: torch.optim.SGD([p], lr=0.1) for n, p in params.items()}
+    with pytest.raises(DstError, match="consecutive parameters"):
+        dst.step({**opts, "p0": apart, "p2": apart})
+    mixed = torch.optim.SGD([params["p2"], params["p3"]], lr=0.1)
+    with pytest.raises(DstError, match="one dtype"):
+        dst.step({**opts, "p2": mixed, "p3": mixed})
