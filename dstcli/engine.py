@@ -172,7 +172,7 @@ class DST:
 
     @torch.no_grad()
     def step(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> StepStats:
-        """Step each tensor's optimizer and project its tensors at once (the lean path).
+        """Step each bucket's optimizer and project its tensors at once (the lean path).
 
         `optimizers[name]` updates that parameter; several names may share one optimizer (see
         `buckets`), which then must update exactly those parameters, consecutive in this DST's

@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 
 from dstcli.checkpoint import PIECE, Checkpoint, atomic_path, check_output, copy_range, preallocate
-from dstcli.dtypes import dtype_name
 from dstcli.errors import DstError
 from dstcli.fingerprint import Hasher, algorithm_of
 from dstcli.patchfile import Change, Patch, PatchWriter
@@ -39,8 +38,8 @@ def _pairs_or_error(base: Checkpoint, other: Checkpoint) -> None:
         elif b is None:
             problems.append(f"{name} only in {base.path}")
         elif a.shape != b.shape or a.dtype != b.dtype:
-            problems.append(f"{name} is {dtype_name(a.dtype)}{list(a.shape)} in the base but "
-                            f"{dtype_name(b.dtype)}{list(b.shape)} in {other.path}")
+            problems.append(f"{name} is {a.dtype.name}{list(a.shape)} in the base but "
+                            f"{b.dtype.name}{list(b.shape)} in {other.path}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise DstError(f"checkpoints do not match: {'; '.join(problems[:5])}{more}: "
@@ -74,7 +73,7 @@ def diff(base_path: str | Path, finetuned_path: str | Path, out: str | Path, *, 
     floats = [n for n, t in base.tensors.items() if t.patchable]
     for name, info in base.tensors.items():
         if not info.patchable and not _same_bytes(base, ft, name):
-            raise DstError(f"tensor {name!r} ({dtype_name(info.dtype)}) differs, but only floating-point "
+            raise DstError(f"tensor {name!r} ({info.dtype.name}) differs, but only floating-point "
                            "tensors can be patched: these checkpoints are not a fine-tune of one another")
     chosen = select_names(floats, include, exclude) if (include or exclude) else floats
     shapes = {n: base.tensors[n].shape for n in chosen}
@@ -174,8 +173,8 @@ def apply(base_path: str | Path, patch_paths: list[str | Path], out: str | Path,
             info = base.tensors.get(name)
             if info is None:
                 bad.append(f"{name} is missing")
-            elif dtype_name(info.dtype) != e["dtype"] or list(info.shape) != e["shape"]:
-                bad.append(f"{name} is {dtype_name(info.dtype)}{list(info.shape)}, patch expects {e['dtype']}{e['shape']}")
+            elif info.dtype.name != e["dtype"] or list(info.shape) != e["shape"]:
+                bad.append(f"{name} is {info.dtype.name}{list(info.shape)}, patch expects {e['dtype']}{e['shape']}")
         if bad:
             raise DstError(f"{base.path} is not the base {p.path} was made for: {'; '.join(bad[:5])}: "
                            "apply the patch to the checkpoint it was made from")
