@@ -46,11 +46,13 @@ def ef_sizes(n: int, k: int, l: int) -> tuple[int, int]:
 
 
 def _pack_fixed(values: np.ndarray, width: int) -> bytes:
+    """Values below 2**width, `width` bits each, MSB first, back to back (padded to a byte)."""
+    size = next(b for b in (1, 2, 4, 8) if 8 * b >= width)  # the narrowest integer holding them
     out = []
-    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
     for s in range(0, len(values), _CHUNK):
-        v = values[s:s + _CHUNK].astype(np.uint64)
-        out.append(np.packbits(((v[:, None] >> shifts) & 1).astype(np.uint8)).tobytes())
+        v = values[s:s + _CHUNK].astype(f">u{size}")  # big-endian: unpackbits yields MSB first
+        bits = np.unpackbits(v.view(np.uint8).reshape(-1, size), axis=1)[:, 8 * size - width:]
+        out.append(np.packbits(bits).tobytes())
     return b"".join(out)
 
 
