@@ -221,12 +221,14 @@ def copy_range(src, dst, src_at: int, dst_at: int, n: int) -> None:
 
 
 def _libc_fallocate():
+    """fallocate(fd, 0, 0, size) from the C library as a function returning 0 or an errno; None
+    where there is none (not Linux)."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).fallocate  # Linux; not glibc's zero-writing emulation
     except (OSError, AttributeError):
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    return fn
+    return lambda fd, size: 0 if fn(fd, 0, 0, size) == 0 else ctypes.get_errno()
 
 
 _FALLOCATE = _libc_fallocate()
@@ -237,8 +239,7 @@ def preallocate(f, size: int) -> None:
     system can (fallocate): writes into it then run ~20% faster here (ext4). A file system that
     cannot just gets the length; a full disk raises at once, before any byte is written."""
     if _FALLOCATE is not None and size > 0:
-        if _FALLOCATE(f.fileno(), 0, 0, size) != 0:
-            err = ctypes.get_errno()
-            if err == errno.ENOSPC:
-                raise OSError(err, os.strerror(err), str(f.name))
+        err = _FALLOCATE(f.fileno(), size)
+        if err == errno.ENOSPC:
+            raise OSError(err, os.strerror(err), str(f.name))
     f.truncate(size)

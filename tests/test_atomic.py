@@ -174,3 +174,20 @@ def test_killing_a_write_leaves_no_partial_output(tmp_path, command):
         assert hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() == h
     print(f"\n{command}: {outcomes}")
     assert outcomes["absent"] >= 1, outcomes  # at least one kill landed mid-write
+
+
+def test_apply_reports_a_full_disk_before_writing(tmp_path, pair, monkeypatch):
+    """apply allocates each output shard up front: a disk without room fails there, with one
+    clear error and no output left; where fallocate is missing the output is still right."""
+    import dstcli.checkpoint as ck
+
+    base, ft, _, _ = pair
+    ops.diff(base, ft, tmp_path / "p.dst")
+    assert ck._FALLOCATE is not None  # Linux: the real call is used (and works on this disk)
+    monkeypatch.setattr(ck, "_FALLOCATE", lambda fd, size: errno.ENOSPC)
+    with pytest.raises(DstError, match=r"cannot write .*out\.safetensors: No space left on device; check free space"):
+        ops.apply(base, [tmp_path / "p.dst"], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists() and leftovers(tmp_path) == []
+    monkeypatch.setattr(ck, "_FALLOCATE", None)  # a system without fallocate
+    ops.apply(base, [tmp_path / "p.dst"], tmp_path / "out.safetensors")
+    assert (tmp_path / "out.safetensors").read_bytes() == ft.read_bytes()
