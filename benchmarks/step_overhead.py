@@ -32,7 +32,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from dstcli.engine import DST
+from dstcli.engine import DST, bucket_optimizers
 from dstcli.errors import DstError
 from dstcli.model import GPT, GPTConfig
 from dstcli.silos import allocate, silo_rows
@@ -87,10 +87,8 @@ class Runner:
         named = dict(self.model.named_parameters())
         if mode == "dst":
             self.dst = DST(named.items(), epsilon=eps, silo=silo, seed="none")
-            self.opts = {}
-            for names in self.dst.buckets():  # as `dstcli train` does: one AdamW per bucket of tensors
-                opt = torch.optim.AdamW([named[n] for n in names], lr=1e-3)
-                self.opts.update({n: opt for n in names})
+            # as `dstcli train` does: one AdamW per bucket of tensors
+            self.opts = bucket_optimizers(self.dst.buckets(), named, lambda ps: torch.optim.AdamW(ps, lr=1e-3))
         else:
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
             self.obvious = Obvious(named, eps, silo) if mode == "obvious" else None

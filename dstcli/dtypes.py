@@ -6,7 +6,7 @@ on NumPy alone and skip torch's import (~2 s per process, as long as applying 2 
 integer view that patches XOR, and how to widen its bits to float64 for statistics; `.torch`
 gives the torch dtype where training needs one (importing torch then).
 
-    DType.of("BF16").itemsize          # 2
+    BY_CODE["BF16"].itemsize           # 2
     BY_NAME["bfloat16"].to_float64(bits_int16)
     bits_view(torch_tensor)            # the flat integer view of a torch tensor (imports torch)
 """
@@ -40,10 +40,6 @@ class DType:
 
     def __str__(self) -> str:
         return self.name
-
-    @classmethod
-    def of(cls, code: str) -> "DType":
-        return BY_CODE[code]
 
     @property
     def ints(self) -> type:

@@ -5,11 +5,8 @@ Two ways to drive it. The lean one steps the optimizer of each bucket of consecu
 is ever held (only the kept entries' seed values, O(epsilon n)):
 
     dst = DST(model.named_parameters(), epsilon=1e-3, seed="none")
-    params = dict(model.named_parameters())
-    opts = {}
-    for names in dst.buckets():            # one optimizer per tensor works too, a little slower
-        opt = torch.optim.AdamW([params[n] for n in names], lr=lr)
-        opts.update({n: opt for n in names})
+    opts = bucket_optimizers(dst.buckets(), dict(model.named_parameters()),
+                             lambda ps: torch.optim.AdamW(ps, lr=lr))  # one per tensor works too
     for batch in data:
         loss(batch).backward()
         stats = dst.step(opts)                 # per bucket: snapshot, opt.step(), project
@@ -76,12 +73,15 @@ def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
     return int(seen[a].sum())
 
 
-def _put(t: torch.Tensor, kept: _Kept) -> None:
-    """Write a kept set's seed values back into a (contiguous) tensor at its positions."""
-    if t.device.type == "cpu":  # NumPy's put on the bits is 2-3x torch's index_put here
-        bits_view(t).numpy()[kept.idx.numpy()] = bits_view(kept.seed_vals).numpy()
-    else:
-        t.view(-1)[kept.idx] = kept.seed_vals
+def bucket_optimizers(buckets: list[list[str]], params: Mapping[str, torch.nn.Parameter],
+                      make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> dict[str, torch.optim.Optimizer]:
+    """name -> optimizer for `DST.step`: one optimizer, make(its parameters), per bucket (in the
+    bucket's order, which is its state's order)."""
+    out = {}
+    for names in buckets:
+        opt = make([params[n] for n in names])
+        out.update({n: opt for n in names})
+    return out
 
 
 class DST:
@@ -131,7 +131,7 @@ class DST:
         self.kept = {n: _Kept(torch.empty(0, dtype=torch.long, device=p.device), p.detach().new_empty(0))
                      for n, p in self.params.items()}
         self.frozen = {n for n in self.params if self._budget_of(n) == 0}  # always the seed
-        self._nonseed: dict[str, torch.Tensor | int] = {}  # per tensor: entries off the seed
+        self._nonseed: dict[str, torch.Tensor] = {}
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
 
@@ -199,7 +199,7 @@ class DST:
                     if self.seed is not None:
                         snap[n] = self.seed[n]
                     else:
-                        _put(snap[n], self.kept[n])
+                        snap[n].view(-1)[self.kept[n].idx] = self.kept[n].seed_vals
             return snap.pop(name)
 
         return self._run(seed_of)
@@ -282,14 +282,6 @@ class DST:
     def _reset_outside(self, name: str, seed: torch.Tensor, idx: torch.Tensor) -> None:
         """Set the parameter to `seed` except at positions idx, which become its kept set."""
         flat = self.params[name].detach().view(-1)
-        if flat.device.type == "cpu":  # the same on the bits in NumPy: its take/put are 2-3x torch's here
-            now, was, at = bits_view(flat).numpy(), bits_view(seed).numpy(), idx.numpy()
-            vals, seed_vals = now[at], was[at]
-            flat.copy_(seed.reshape(-1))  # torch's copy: threaded on big tensors
-            now[at] = vals
-            self.kept[name] = _Kept(idx, torch.from_numpy(seed_vals).view(flat.dtype))
-            self._nonseed[name] = int(np.count_nonzero(vals != seed_vals))
-            return
         vals = flat[idx]
         seed_vals = seed.reshape(-1)[idx]
         flat.copy_(seed.reshape(-1))
@@ -427,9 +419,8 @@ class DST:
     def nonseed(self) -> int:
         """How many entries differ from the seed (bit for bit) after the last step: only kept
         entries can, and each projection counts them while it has them in hand."""
-        counts = [c.cpu() for c in self._nonseed.values() if torch.is_tensor(c)]  # one sync, not one per tensor
-        return (int(torch.stack(counts).sum()) if counts else 0) + sum(
-            c for c in self._nonseed.values() if not torch.is_tensor(c))
+        counts = [c.cpu() for c in self._nonseed.values()]
+        return int(torch.stack(counts).sum()) if counts else 0
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from dstcli.dtypes import bits_view, dtype_name
 from dstcli.data import Example, collate, read_jsonl, read_rows
 from dstcli.distributed import STRATEGIES, Dist
 from dstcli.distributed import init as init_distributed
-from dstcli.engine import DST
+from dstcli.engine import DST, bucket_optimizers
 from dstcli.errors import DstError
 from dstcli.hf import is_hf_dir
 from dstcli.model import GPT, encode, load_config
@@ -169,11 +169,7 @@ def _optimizers(name: str, named: dict[str, torch.nn.Parameter], buckets: list[l
         if name == "sgd":
             return torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=wd)
         return torch.optim.Adafactor(ps, lr=lr, weight_decay=wd)
-    out = {}
-    for names in buckets:
-        opt = make([named[n] for n in names])
-        out.update({n: opt for n in names})
-    return out
+    return bucket_optimizers(buckets, named, make)
 
 
 @torch.no_grad()

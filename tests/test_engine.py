@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dstcli.dtypes import bits_view
-from dstcli.engine import DST
+from dstcli.engine import DST, bucket_optimizers
 from dstcli.errors import DstError
 from reference import ref_distance, ref_project
 
@@ -47,10 +47,7 @@ def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect, mode)
     if mode in ("bucketed", "one"):
         groups = dst.buckets() if mode == "bucketed" else dst.buckets(limit=10**9)
         assert groups == ([["a"], ["b", "c"]] if mode == "bucketed" else [names])
-        opts = {}
-        for g in groups:
-            opt = torch.optim.AdamW([getattr(model, n) for n in g], lr=0.05)
-            opts.update({n: opt for n in g})
+        opts = bucket_optimizers(groups, dict(model.named_parameters()), lambda ps: torch.optim.AdamW(ps, lr=0.05))
     ref_mask = None
     for step, x in enumerate(batches(7), 1):
         for o in (*opts.values(), ref_opt):
