@@ -2,9 +2,10 @@
 
     python benchmarks/selection.py                  # silos of 1M, 16M and 64M at epsilon 1e-3
     python benchmarks/selection.py --sizes 256      # add a 256M silo (needs ~4 GB)
+    python benchmarks/selection.py --device cuda --sizes 1 16 64 256 --epsilon 1e-6 1e-3 1e-1
 
-Times the exact k-th largest |delta| (k = epsilon * n) of a silo of N(0,1) distances, best of 3, and
-one read pass (d.sum()) for scale. dstcli's `top_indices` returns the kept positions themselves
+Times the exact k-th largest |delta| (k = epsilon * n) of a silo of N(0,1) distances, best of 3
+(best of 10 on a GPU, synchronized), and one read pass (d.sum()) for scale. dstcli's `top_indices` returns the kept positions themselves
 (ties resolved), which the others do not; the threshold is the smallest kept value. All methods
 must agree on the value; the script checks that.
 """
@@ -19,11 +20,15 @@ import torch
 from dstcli.select import top_indices
 
 
-def best(fn, reps: int = 3) -> tuple[float, torch.Tensor]:
+def best(fn, device: torch.device, reps: int = 3) -> tuple[float, torch.Tensor]:
     out, t = None, float("inf")
-    for _ in range(reps):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()  # warm-up: kernels loaded, allocator primed
+    for _ in range(reps if device.type == "cpu" else reps * 3 + 1):
+        sync()
         s = time.perf_counter()
         out = fn()
+        sync()
         t = min(t, time.perf_counter() - s)
     return t, out
 
@@ -31,23 +36,28 @@ def best(fn, reps: int = 3) -> tuple[float, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 64], help="silo sizes in millions")
-    ap.add_argument("--epsilon", type=float, default=1e-3)
+    ap.add_argument("--epsilon", type=float, nargs="+", default=[1e-3])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
-    print(f"threads {torch.get_num_threads()}, epsilon {args.epsilon}")
-    print("| silo | k | read pass ms | dstcli ms | torch.topk ms | kthvalue ms | sort ms | topk / dstcli | dstcli / read |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {where}, torch {torch.__version__}")
+    print("| silo | epsilon | k | read pass ms | dstcli ms | torch.topk ms | kthvalue ms | sort ms | topk / dstcli | dstcli / read |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mil in args.sizes:
         n = mil << 20
-        d = torch.randn(n, generator=torch.Generator().manual_seed(0)).abs_()
-        k = max(1, int(args.epsilon * n))
-        t_read, _ = best(lambda: d.sum())
-        t_fast, v_fast = best(lambda: d[top_indices(d, k)].min())
-        t_topk, v_topk = best(lambda: torch.topk(d, k, sorted=False).values.min())
-        t_kth, v_kth = best(lambda: torch.kthvalue(d, n - k + 1).values, reps=1)
-        t_sort, v_sort = best(lambda: torch.sort(d).values[n - k], reps=1)
-        assert v_fast == v_topk == v_kth == v_sort, (v_fast, v_topk, v_kth, v_sort)
-        print(f"| {mil}M | {k:,} | {t_read * 1e3:.1f} | {t_fast * 1e3:.1f} | {t_topk * 1e3:.1f} | "
-              f"{t_kth * 1e3:.1f} | {t_sort * 1e3:.1f} | {t_topk / t_fast:.1f}x | {t_fast / t_read:.1f}x |", flush=True)
+        d = torch.randn(n, generator=torch.Generator().manual_seed(0)).abs_().to(device)
+        for eps in args.epsilon:
+            k = max(1, int(eps * n))
+            t_read, _ = best(lambda: d.sum(), device)
+            t_fast, v_fast = best(lambda: d[top_indices(d, k)].min(), device)
+            t_topk, v_topk = best(lambda: torch.topk(d, k, sorted=False).values.min(), device)
+            t_kth, v_kth = best(lambda: torch.kthvalue(d, n - k + 1).values, device, reps=1)
+            t_sort, v_sort = best(lambda: torch.sort(d).values[n - k], device, reps=1)
+            assert v_fast == v_topk == v_kth == v_sort, (v_fast, v_topk, v_kth, v_sort)
+            print(f"| {mil}M | {eps:g} | {k:,} | {t_read * 1e3:.2f} | {t_fast * 1e3:.2f} | {t_topk * 1e3:.2f} | "
+                  f"{t_kth * 1e3:.2f} | {t_sort * 1e3:.2f} | {t_topk / t_fast:.1f}x | {t_fast / t_read:.1f}x |", flush=True)
+        d = None  # freed before the next size is allocated
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     python benchmarks/step_overhead.py --device cuda --models 1.3b --batch 8 --seq 512
 
 Per configuration (model, epsilon, silo) it times, interleaved round by round on the same inputs:
-  full    one AdamW over all parameters: forward, backward, step (plain fine-tuning);
+  full    one AdamW over all parameters: forward, backward, step (plain fine-tuning; fused
+          AdamW on a GPU, in every mode);
   dst     what `dstcli train` runs: one AdamW per bucket of consecutive tensors (DST.buckets),
           each bucket projected right after its own update by dstcli's engine (no seed copy);
   obvious the textbook projection after one AdamW step: a full fp32 copy of the seed, distance,
@@ -79,18 +80,26 @@ class Obvious:
 
 
 class Runner:
-    def __init__(self, mode: str, cfg: GPTConfig, eps: float, silo: str, device: torch.device, weights: torch.dtype):
+    def __init__(self, mode: str, cfg: GPTConfig, eps: float, silo: str, device: torch.device, weights: torch.dtype,
+                 bucket: float | None = None):
         torch.manual_seed(0)
-        self.model = GPT(cfg).to(device=device, dtype=weights)
+        with device:  # initialized where it runs (a 1.3B model's init on the CPU takes a minute)
+            self.model = GPT(cfg)
+        self.model.to(dtype=weights)
         self.mode, self.device = mode, device
         self.amp = torch.bfloat16 if device.type == "cuda" else None
         named = dict(self.model.named_parameters())
+        fused = True if device.type == "cuda" else None  # as `dstcli train` does on a GPU
+
+        def adamw(ps):
+            return torch.optim.AdamW(ps, lr=1e-3, fused=fused)
         if mode == "dst":
             self.dst = DST(named.items(), epsilon=eps, silo=silo, seed="none")
             # as `dstcli train` does: one AdamW per bucket of tensors
-            self.opts = bucket_optimizers(self.dst.buckets(), named, lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+            limit = None if bucket is None else int(bucket * max(p.numel() for p in named.values()))
+            self.opts = bucket_optimizers(self.dst.buckets(limit), named, adamw)
         else:
-            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+            self.opt = adamw(list(self.model.parameters()))
             self.obvious = Obvious(named, eps, silo) if mode == "obvious" else None
 
     def step(self, x: torch.Tensor) -> tuple[float, float]:
@@ -127,7 +136,7 @@ def child(args) -> None:
     device = torch.device(args.device)
     cfg = MODELS[args.models[0]]
     weights = torch.bfloat16 if args.weights == "bf16" else torch.float32
-    r = Runner(args.child, cfg, args.eps[0], args.silos[0], device, weights)
+    r = Runner(args.child, cfg, args.eps[0], args.silos[0], device, weights, args.bucket)
     for x in batches(cfg, args, device, args.steps):
         r.step(x)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec
@@ -140,16 +149,33 @@ def peak_memory_mb(mode: str, model: str, eps: float, silo: str, args) -> float:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cfg = MODELS[model]
-        r = Runner(mode, cfg, eps, silo, torch.device("cuda"), torch.bfloat16 if args.weights == "bf16" else torch.float32)
+        r = Runner(mode, cfg, eps, silo, torch.device("cuda"), torch.bfloat16 if args.weights == "bf16" else torch.float32,
+                   args.bucket)
         for x in batches(cfg, args, torch.device("cuda"), 3):
             r.step(x)
         del r
         return torch.cuda.max_memory_allocated() / 2**20
     cmd = [sys.executable, __file__, "--child", mode, "--models", model, "--eps", str(eps), "--silos", silo,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", "3", "--device", args.device,
-           "--weights", args.weights]
+           "--weights", args.weights] + (["--bucket", str(args.bucket)] if args.bucket else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def profile_update(r: Runner, x: torch.Tensor, device: torch.device) -> None:
+    """Where one DST update (buckets' optimizer steps + projection) spends its time."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.autocast(device.type, dtype=r.amp, enabled=r.amp is not None):
+        logits = r.model(x[:, :-1])
+    F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+    with profile(activities=acts) as prof:
+        r.dst.step(r.opts)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    r.model.zero_grad(set_to_none=True)
+    for key in ["self_cpu_time_total"] + (["self_device_time_total"] if device.type == "cuda" else []):
+        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40), flush=True)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +192,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--weights", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-obvious", action="store_true", help="skip the obvious projection (saves memory)")
+    ap.add_argument("--bucket", type=float, help="DST bucket limit in largest tensors (default: DST.buckets' own)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's top operations of one DST update per configuration")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -176,7 +205,8 @@ def main() -> None:
     modes = [m for m in MODES if not (args.no_obvious and m == "obvious")]
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {dev}, torch {torch.__version__}, batch {args.batch}x{args.seq} tokens, {args.weights} weights, "
-          f"median of {args.steps} interleaved steps")
+          f"median of {args.steps} interleaved steps, DST buckets "
+          + (f"{args.bucket:g} largest tensors" if args.bucket else "DST.buckets' default"))
     print("| model | params | epsilon | silo | full ms | dst ms | obvious ms | dst / full | obvious / full | "
           "update ms full / dst / obvious | dst / full by updates |"
           + ("" if args.no_memory else " full MB | dst MB | obvious MB |"))
@@ -186,7 +216,7 @@ def main() -> None:
         for silo in args.silos:
             for eps in args.eps:
                 try:
-                    runners = {m: Runner(m, cfg, eps, silo, device, weights) for m in modes}
+                    runners = {m: Runner(m, cfg, eps, silo, device, weights, args.bucket) for m in modes}
                 except DstError as e:  # e.g. row silos at epsilon 1e-6: every budget is zero
                     print(f"| {model} | | {eps:g} | {silo} | {e} |||||")
                     continue
@@ -200,6 +230,8 @@ def main() -> None:
                         if i >= 2:
                             times[m].append(t)
                             updates[m].append(u)
+                if args.profile:
+                    profile_update(runners["dst"], xs[0], device)
                 del runners
                 med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
                 upd = {m: statistics.median(v) * 1e3 for m, v in updates.items()}

@@ -23,6 +23,11 @@ checkpoint):
 Both give bit-identical parameters. The optimizer is untouched: a reset entry keeps its optimizer
 state and can come back later (churn). Resets copy the seed bits exactly.
 
+On a GPU the lean step runs batched (`batched=None` decides): each bucket (then 4 largest tensors)
+is snapshotted, updated, measured, selected and reset in a fixed number of kernels and a few
+waits for the device, since there kernel launches, not memory traffic, bound the per-tensor way.
+Both give the same kept sets and bits.
+
 Why the lean way needs no seed: outside the kept set the value before a step *is* the seed value,
 so a snapshot of a bucket taken just before its update, with the kept entries' stored seed
 values written back, is its tensors' seed. Temporary memory is one bucket (the largest tensor).
@@ -40,8 +45,15 @@ import torch
 from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
-from dstcli.select import DISTANCES, distance, positions_above, top_indices, topk_mask
+from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, positions_above, rows_keep, segments_keep, top_indices,
+                           topk_mask)
 from dstcli.silos import allocate, budget_total, silo_rows
+
+
+# A batched step's bucket, in largest tensors: each bucket costs ~100 kernel launches and 3-4
+# waits for the device, and holds ~13 bytes per entry of scratch (snapshot, updated copy,
+# distances, masks), so 4 keeps the scratch near 4% of a 1.3B model's fp32 training memory.
+BATCHED_BUCKET = 4
 
 
 @dataclass
@@ -60,8 +72,9 @@ class _Kept:
         self.idx, self.seed_vals = idx, seed_vals
 
 
-def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
-    """How many positions in range(n) two index tensors share (a bitmap of n bools)."""
+def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int | torch.Tensor:
+    """How many positions in range(n) two index tensors share (a bitmap of n bools); on a GPU a
+    0-dim tensor, so that counting never waits for the device (see `_total`)."""
     if not len(a) or not len(b):
         return 0
     if a.device.type == "cpu":  # NumPy's fancy indexing is 2-3x torch's on CPU
@@ -70,7 +83,46 @@ def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
         return int(np.count_nonzero(seen[a.numpy()]))
     seen = torch.zeros(n, dtype=torch.bool, device=a.device)
     seen[b] = True
-    return int(seen[a].sum())
+    return seen[a].sum()
+
+
+def _total(counts: Iterable[int | torch.Tensor]) -> int:
+    """The sum of counts that are ints or 0-dim tensors, with one transfer per device."""
+    out, by_device = 0, {}
+    for c in counts:
+        if isinstance(c, torch.Tensor):
+            by_device.setdefault(c.device, []).append(c)
+        else:
+            out += c
+    return out + sum(int(torch.stack(v).sum()) for v in by_device.values())
+
+
+@dataclass
+class _Plan:
+    """A bucket's layout for the batched step: tensor boundaries (host and device), the silos
+    selected along rows (start, end, rows, row length, budgets on the device or None for "all",
+    largest budget), the small tensor silos as one padded batch (positions, budgets, largest
+    budget) and the large tensor silos (start, end, budget) with their starts and budgets on
+    the device."""
+    names: tuple[str, ...]
+    starts: list[int]
+    starts_dev: torch.Tensor
+    first: torch.Tensor
+    rows: list[tuple]
+    small: tuple[torch.Tensor, torch.Tensor, int] | None
+    large: list[tuple[int, int, int]]
+    large_starts: torch.Tensor
+    large_ks: torch.Tensor
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i, in one multi-tensor kernel where torch has one."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None:
+        foreach(dst, src)
+    else:
+        for a, b in zip(dst, src):
+            a.copy_(b)
 
 
 def bucket_optimizers(buckets: list[list[str]], params: Mapping[str, torch.nn.Parameter],
@@ -103,13 +155,17 @@ class DST:
             process's slice, `shards[name] = (whole shape, first flat position of the slice)`,
             and `gather(values, positions)` concatenates 1-D tensors over processes in order.
             A silo spanning processes then keeps exactly what one process would keep.
+        batched: in `step`, project each bucket in one batch of kernels rather than tensor by
+            tensor (seed="none", no `gather`). The default, None, batches
+            when every parameter is on a GPU, where the per-tensor kernel launches and waits
+            cost more than the work itself. The kept sets are the same either way.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], *, epsilon: float | None = None,
                  params: int | None = None, silo: str = "tensor", distance: str = "absolute",
                  reselect_every: int | None = 1, seed: str | Mapping[str, torch.Tensor] = "copy",
                  shards: Mapping[str, tuple[tuple[int, ...], int]] | None = None,
-                 gather: Callable[..., list[torch.Tensor]] | None = None):
+                 gather: Callable[..., list[torch.Tensor]] | None = None, batched: bool | None = None):
         self.params = dict(named_params)
         if not self.params:
             raise DstError("no parameters to tune")
@@ -134,6 +190,11 @@ class DST:
         self._nonseed: dict[str, torch.Tensor] = {}
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
+        if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
+            batched = all(p.device.type == "cuda" for p in self.params.values())
+        self.batched = bool(batched) and self.seed is None and gather is None
+        self._bucket_kept: dict[str, tuple] = {}  # first name -> (names, kept objects, flat idx, seed values)
+        self._plans: dict[str, _Plan] = {}
 
     def _seed_store(self, seed: str | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         if isinstance(seed, str):
@@ -181,6 +242,8 @@ class DST:
         stepped at all (they would be reset to the seed anyway).
         """
         groups = self._groups(optimizers)
+        if self.batched:
+            return self._step_batched(optimizers, groups)
         snap: dict[str, torch.Tensor] = {}
 
         def seed_of(name: str) -> torch.Tensor:
@@ -225,15 +288,212 @@ class DST:
                 out[n] = names
         return out
 
+    def _step_batched(self, optimizers: Mapping[str, torch.optim.Optimizer], groups: dict[str, list[str]]) -> StepStats:
+        """`step` a bucket at a time: snapshot, update, distances, selection and reset each run
+        over the bucket's tensors together, in a fixed number of kernels per bucket."""
+        self.step_count += 1
+        reselect = self._due()
+        buckets = list({tuple(groups[n]): None for n in self.params if n not in self.frozen})
+        if reselect and self.silo == "global":
+            churn = self._global_batched([list(b) for b in buckets], optimizers)
+        else:
+            churn = [self._project_bucket(list(b), optimizers[b[0]], reselect) for b in buckets]
+        entered = left = 0
+        if reselect:
+            common = _total(c[0] for c in churn)
+            entered = sum(c[1] for c in churn) - common
+            left = sum(c[2] for c in churn) - common
+        return StepStats(self.step_count, self.nonseed(), entered, left, reselect)
+
+    def _update(self, names: list[str], opt: torch.optim.Optimizer):
+        """Snapshot a bucket, step its optimizer, make the snapshot its seed. Returns the
+        parameters, the plan, the seed (flat, with one spare entry past the bucket: the padding
+        of the small silos' batch points there), views of it shaped like the parameters, the
+        updated values (flat, with the spare) and the kept entries before the step."""
+        params = [self.params[n].detach() for n in names]
+        plan = self._plan(names)
+        snap = self._buffer(plan.starts[-1] + 1, params[0])
+        views = [snap[a:b].view(p.shape) for a, b, p in zip(plan.starts, plan.starts[1:], params)]
+        _copy_all(views, params)  # before the step: the seed, except at the kept entries
+        opt.step()
+        old_idx, old_seed = self._kept_flat(names, plan.starts)
+        snap[old_idx] = old_seed  # now the bucket's seed
+        cur = torch.cat([p.reshape(-1) for p in params] + [snap[-1:]])
+        return params, plan, snap, views, cur, old_idx, old_seed
+
+    def _project_bucket(self, names: list[str], opt: torch.optim.Optimizer, reselect: bool):
+        """Update one bucket and project it (tensor and row silos, or any silo between
+        re-selections); returns (kept both before and after, kept after, kept before)."""
+        params, plan, snap, views, cur, old_idx, old_seed = self._update(names, opt)
+        if reselect:
+            d = distance(cur, snap, self.distance)
+            d[-1] = -1.0  # the spare: below every distance, never kept
+            idx, cuts = self._select_flat(plan, d)
+            del d
+            seed_vals = snap[idx]
+        else:
+            idx, seed_vals, cuts = old_idx, old_seed, None
+        vals = cur[idx]
+        snap[idx] = vals
+        _copy_all(params, views)  # the seed, except the kept entries' new values
+        self._record(plan, idx, seed_vals, vals, cuts)
+        return _common(idx, old_idx, plan.starts[-1]), len(idx), len(old_idx)
+
+    def _record(self, plan: _Plan, idx: torch.Tensor, seed_vals: torch.Tensor, vals: torch.Tensor,
+                cuts: list[int] | None) -> None:
+        """Store a bucket's kept set (flat positions, their seed and current values) as each
+        tensor's kept set; `cuts` (where each tensor's share starts in idx) None: unchanged."""
+        names = plan.names
+        for n in names:
+            self._nonseed.pop(n, None)
+        self._nonseed[names[0]] = (bits_view(vals) != bits_view(seed_vals)).sum()
+        if cuts is None:
+            return
+        local = idx - plan.first[torch.searchsorted(plan.first, idx, right=True) - 1]
+        kept = []
+        for n, a, b in zip(names, cuts, cuts[1:]):
+            self.kept[n] = _Kept(local[a:b], seed_vals[a:b])
+            kept.append(self.kept[n])
+        self._bucket_kept[names[0]] = (tuple(names), tuple(kept), idx, seed_vals)
+
+    def _global_batched(self, buckets: list[list[str]], optimizers: Mapping[str, torch.optim.Optimizer]) -> list:
+        """`_select_global` a bucket at a time: the pool holds per bucket its candidates' flat
+        positions, seed values, current values and distances; a cut rewrites a bucket's
+        parameters in one pass. Returns the churn counts per bucket."""
+        K = self.alloc
+        wide = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
+        pool: list[list] = []  # [plan, idx, seed values, current values, distances, old idx]
+        size, floor = 0, None
+        for names in buckets:
+            params, plan, snap, views, cur, old_idx, _ = self._update(names, optimizers[names[0]])
+            d = distance(cur, snap, self.distance)[:-1]
+            idx = positions_above(d, floor, strict=True) if floor is not None else None
+            if idx is None or len(idx) > K:
+                idx = top_indices(d, K)
+                if floor is not None:
+                    idx = idx[d[idx] > floor]
+            dist = d[idx].to(wide)
+            del d
+            seed_vals, vals = snap[idx], cur[idx]
+            snap[idx] = vals
+            _copy_all(params, views)
+            pool.append([plan, idx, seed_vals, vals, dist, old_idx])
+            size += len(idx)
+            if size > 4 * K:
+                floor, size = self._cut_batched(pool, K), K
+        if size > K:
+            self._cut_batched(pool, K)
+        cuts = torch.cat([torch.searchsorted(e[1], e[0].starts_dev) for e in pool]).tolist()
+        out, at = [], 0
+        for plan, idx, seed_vals, vals, _, old_idx in pool:
+            n = len(plan.starts)
+            self._record(plan, idx, seed_vals, vals, cuts[at:at + n])
+            at += n
+            out.append((_common(idx, old_idx, plan.starts[-1]), len(idx), len(old_idx)))
+        return out
+
+    def _cut_batched(self, pool: list[list], K: int) -> float:
+        """Keep the pool's top-K (ties to the lower position), put the rest back to the seed;
+        return the K-th largest distance."""
+        all_d = torch.cat([e[4] for e in pool])
+        chosen = top_indices(all_d, K)  # ascending
+        lens = [len(e[1]) for e in pool]
+        starts = [0, *itertools.accumulate(lens)]
+        cuts = torch.searchsorted(chosen, torch.tensor(starts, device=chosen.device)).tolist()
+        for i, e in enumerate(pool):
+            if cuts[i + 1] - cuts[i] == lens[i]:
+                continue
+            mine = chosen[cuts[i]:cuts[i + 1]] - starts[i]  # this bucket lost some entries
+            plan, idx, seed_vals, vals, dist, _ = e
+            params = [self.params[n].detach() for n in plan.names]
+            flat = torch.cat([p.reshape(-1) for p in params])
+            flat[idx] = seed_vals  # every candidate back to the seed, then the survivors' values
+            e[1:5] = idx[mine], seed_vals[mine], vals[mine], dist[mine]
+            flat[e[1]] = e[3]
+            _copy_all(params, [flat[a:b].view(p.shape) for a, b, p in zip(plan.starts, plan.starts[1:], params)])
+        return float(all_d[chosen].min()) if len(chosen) else 0.0
+
+    def _plan(self, names: list[str]) -> _Plan:
+        """How `_select_flat` treats each tensor of a bucket (fixed for the run: made once)."""
+        plan = self._plans.get(names[0])
+        if plan is not None and plan.names == tuple(names):
+            return plan
+        dev = self.params[names[0]].device
+        starts = [0, *itertools.accumulate(self.params[n].numel() for n in names)]
+        rows, small, large = [], [], []
+        for n, a, b in zip(names, starts, starts[1:]) if self.silo != "global" else ():
+            k = self.alloc[n]
+            r = silo_rows(self.shapes[n], self.silo)
+            m, kmax = (b - a) // r, int(k.max())
+            if kmax >= m and bool((k >= m).all()):  # every entry may stay: the moved ones do
+                rows.append((a, b, r, m, None, kmax))
+            elif r == 1 and m < SAMPLED_MIN:  # small silos: all of the bucket's in one padded batch
+                small.append((a, b, kmax))
+            elif r > 1:  # a tensor's rows: one topk along them
+                rows.append((a, b, r, m, k.to(dev), kmax))
+            else:
+                large.append((a, b, kmax))
+        pad = None
+        if small:  # (silos, longest) positions into the flat bucket; the padding points at the spare
+            width = max(b - a for a, b, _ in small)
+            at = torch.full((len(small), width), starts[-1], dtype=torch.long)
+            for i, (a, b, _) in enumerate(small):
+                at[i, :b - a] = torch.arange(a, b)
+            pad = (at.to(dev), torch.tensor([k for _, _, k in small], device=dev), max(k for _, _, k in small))
+        plan = _Plan(tuple(names), starts, torch.tensor(starts, device=dev), torch.tensor(starts[:-1], device=dev),
+                     rows, pad, large, torch.tensor([a for a, _, _ in large], device=dev),
+                     torch.tensor([k for _, _, k in large], device=dev))
+        self._plans[names[0]] = plan
+        return plan
+
+    def _kept_flat(self, names: list[str], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A bucket's kept positions (flat over the bucket) and their seed values: as the last
+        batched step left them, or gathered from the per-tensor kept sets (after `restore`)."""
+        c = self._bucket_kept.get(names[0])
+        if c is not None and c[0] == tuple(names) and all(self.kept[n] is k for n, k in zip(names, c[1])):
+            return c[2], c[3]
+        idx = torch.cat([self.kept[n].idx + a for n, a in zip(names, starts)])
+        return idx, torch.cat([self.kept[n].seed_vals for n in names])
+
+    def _select_flat(self, plan: _Plan, d: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The kept positions of a bucket (flat, ascending) from its flat distances, and where
+        each tensor's share starts and ends in them: every small or row silo by one topk along
+        its rows, all large tensor silos together through `segments_keep`. Two waits for the
+        device, three with large silos."""
+        keep = torch.zeros(d.shape, dtype=torch.bool, device=d.device)  # with the spare entry
+        for a, b, r, m, k, kmax in plan.rows:
+            if k is None:
+                torch.gt(d[a:b], 0, out=keep[a:b])
+            else:
+                keep[a:b] = rows_keep(d[a:b].view(r, m), k, kmax).view(-1)
+        if plan.small is not None:
+            at, k, kmax = plan.small
+            keep[at] = rows_keep(d[at], k, kmax)  # the padding (distance -1) is never kept
+        ok = segments_keep(d, keep, plan.large, plan.large_starts, plan.large_ks) if plan.large else None
+        idx = torch.nonzero(keep[:-1]).reshape(-1)
+        cuts = torch.searchsorted(idx, plan.starts_dev)
+        info = (cuts if ok is None else torch.cat([cuts, ok.long()])).tolist()
+        cuts = info[:len(plan.starts)]
+        if not all(info[len(plan.starts):]):  # a sample misled: select those silos alone, exactly
+            for (a, b, k), good in zip(plan.large, info[len(plan.starts):]):
+                if not good:
+                    keep[a:b] = False
+                    keep[a:b][top_indices(d[a:b], k, numpy=False)] = True
+            idx = torch.nonzero(keep[:-1]).reshape(-1)
+            cuts = torch.searchsorted(idx, plan.starts_dev).tolist()
+        return idx, cuts
+
     def buckets(self, limit: int | None = None) -> list[list[str]]:
         """The parameters to step, grouped for one optimizer each: consecutive tensors of one dtype
         and device whose entries add up to at most `limit` (default: the largest tensor's), so
         stepping a bucket at once keeps the snapshot at one tensor's size. Fewer, larger
         optimizer calls save most of their per-call cost (one AdamW call per tensor of the
-        bundled model took 4.7 ms per step against 2.8-3.6 ms for one call over all of them)."""
+        bundled model took 4.7 ms per step against 2.8-3.6 ms for one call over all of them).
+        A batched DST's default is BATCHED_BUCKET times the largest tensor: each bucket then
+        costs a fixed number of kernel launches and waits, whatever its tensors."""
         order = [n for n in self.params if n not in self.frozen]
         if limit is None:
-            limit = max((self.params[n].numel() for n in order), default=0)
+            limit = max((self.params[n].numel() for n in order), default=0) * (BATCHED_BUCKET if self.batched else 1)
         out: list[list[str]] = []
         size = 0
         for n in order:
@@ -271,10 +531,9 @@ class DST:
                     self._reset_outside(name, seed, self.kept[name].idx)
         entered = left = 0
         if reselect:
-            for name, k in self.kept.items():
-                both = _common(k.idx, old[name], self.params[name].numel())
-                entered += len(k.idx) - both
-                left += len(old[name]) - both
+            both = _total(_common(k.idx, old[name], self.params[name].numel()) for name, k in self.kept.items())
+            entered = sum(len(k.idx) for k in self.kept.values()) - both
+            left = sum(len(i) for i in old.values()) - both
         return StepStats(self.step_count, self.nonseed(), entered, left, reselect)
 
     # ---- projection of one tensor ----------------------------------------------------------
@@ -302,7 +561,7 @@ class DST:
             row_len = int(torch.Size(self.shapes[name][1:]).numel())
             first = self.shards[name][1] // row_len if self.shards else 0
             local = p.numel() // row_len
-            mask = topk_mask(d.view(local, row_len), self.alloc[name][first:first + local].to(d.device))
+            mask = topk_mask(d.view(local, row_len), self.alloc[name][first:first + local])
             idx = torch.nonzero(mask.view(-1)).view(-1)
         del d
         self._reset_outside(name, seed, idx)
@@ -395,6 +654,7 @@ class DST:
     def restore(self, kept: Mapping[str, torch.Tensor], step_count: int, values: Mapping[str, torch.Tensor]) -> None:
         """Continue a run: call while the parameters still hold the seed. `kept[name]` gives a
         tensor's kept positions (ascending) and `values[name]` its trained values there."""
+        self._nonseed.clear()
         for name, p in self.params.items():
             flat = p.detach().view(-1)
             idx = kept.get(name, torch.empty(0, dtype=torch.long)).to(device=p.device, dtype=torch.long)
@@ -410,17 +670,15 @@ class DST:
 
     def nonfinite(self) -> int:
         """How many kept entries are NaN or infinite (the optimizer diverged)."""
-        counts = [(~torch.isfinite(self.params[n].detach().reshape(-1)[k.idx])).sum().cpu()
-                  for n, k in self.kept.items() if len(k.idx)]
-        return int(torch.stack(counts).sum()) if counts else 0
+        return _total((~torch.isfinite(self.params[n].detach().reshape(-1)[k.idx])).sum()
+                      for n, k in self.kept.items() if len(k.idx))
 
     # ---- reading the state ------------------------------------------------------------------
 
     def nonseed(self) -> int:
         """How many entries differ from the seed (bit for bit) after the last step: only kept
         entries can, and each projection counts them while it has them in hand."""
-        counts = [c.cpu() for c in self._nonseed.values()]
-        return int(torch.stack(counts).sum()) if counts else 0
+        return _total(self._nonseed.values())
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:

@@ -63,8 +63,10 @@ def save_state(directory: Path, *, step: int, options: dict, info: dict, changes
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, (idx, vals) in kept.items():
-        tensors[f"kept::{name}"] = idx.detach().cpu().contiguous()
-        tensors[f"vals::{name}"] = vals.detach().cpu().contiguous()
+        # copies: a batched DST's kept positions are views of one tensor per bucket (safetensors
+        # refuses tensors that share memory)
+        tensors[f"kept::{name}"] = idx.detach().to("cpu", copy=True).contiguous()
+        tensors[f"vals::{name}"] = vals.detach().to("cpu", copy=True).contiguous()
     scalars: dict[str, Any] = {}
     for opt, names in _by_optimizer(optimizers):
         state = opt.state_dict()["state"]

@@ -35,22 +35,38 @@ def distance(x: torch.Tensor, x0: torch.Tensor, kind: str = "absolute") -> torch
     return d.nan_to_num_(nan=float("inf"), posinf=float("inf"))
 
 
-_FAST_MIN = 1 << 13  # below this, torch.topk is already cheap
+SAMPLED_MIN = 1 << 13  # below this, torch.topk is already cheap
 _SAMPLE = 1 << 16  # the largest sample; smaller silos sample 1 in 64 (at least 4,096 values)
+
+
+def _numpy_ok(flat: torch.Tensor) -> bool:
+    """On CPU, NumPy's compare, fancy indexing and partition run 2-5x torch's at these sizes."""
+    return flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)
 
 
 def positions_above(flat: torch.Tensor, lo: torch.Tensor | float, *, strict: bool = False) -> torch.Tensor:
     """Ascending flat positions with flat >= lo (flat > lo if strict), in one pass. On CPU NumPy's
     compare + flatnonzero is ~2x torch's boolean indexing; positions are int64, so silos past 2^31
     entries are fine."""
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+    if _numpy_ok(flat):
         a = flat.numpy()
         v = a.dtype.type(float(lo))
         return torch.from_numpy(np.flatnonzero(a > v if strict else a >= v))
     return torch.nonzero(flat > lo if strict else flat >= lo).reshape(-1)
 
 
-def top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+def sample_bracket(m: int, k: int) -> tuple[int, int, int]:
+    """For the k-th largest of m values: the stride of the sample (odd: no aliasing with
+    power-of-2 rows) and the ranks j_lo, j_hi in the sample whose values bracket it about 4
+    sigma each side (j_hi < 1: no upper end)."""
+    stride = max(16, m // max(4096, min(_SAMPLE, m // 64))) | 1
+    s = -(-m // stride)
+    expect = k / m * s  # how many sample values should lie above the k-th largest
+    margin = 4 * (expect * (1 - k / m)) ** 0.5 + 8
+    return stride, min(s, int(expect + margin) + 1), int(expect - margin)
+
+
+def top_indices(flat: torch.Tensor, k: int, *, numpy: bool | None = None) -> torch.Tensor:
     """Ascending positions of the k largest values of a 1-D tensor of distances (exact).
 
     Ties at the k-th value go to the lower positions; a zero distance is never chosen, so fewer
@@ -60,56 +76,45 @@ def top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
     and only those are ranked (for large k, only those inside the bracket). If the sample misled
     (fewer than k collected, or k or more above the high end) it falls back to a full torch.topk,
     so the answer never depends on the sample.
+
+    On CPU the candidates are ranked in NumPy; elsewhere (and with numpy=False, which the tests
+    use to check that path on CPU) in torch, waiting for the device only where a size must be
+    known: the candidates, the count above the bracket and the kept positions themselves.
     """
     m = flat.numel()
     k = min(int(k), m)
+    if numpy is None:
+        numpy = _numpy_ok(flat)
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=flat.device)
     if k == m:
-        return positions_above(flat, 0.0, strict=True)
-    if m < _FAST_MIN:
+        return positions_above(flat, 0.0, strict=True) if numpy else torch.nonzero(flat > 0).reshape(-1)
+    if m < SAMPLED_MIN:
         vals, idx = torch.topk(flat, k, sorted=False)
         tau = vals.min()
-        if float(tau) > 0 and int((flat >= tau).sum()) == k:  # no ties at tau: the top-k is the set
+        # on CPU the scalar checks are cheap: without ties at tau the top-k is the set
+        if numpy and float(tau) > 0 and int((flat >= tau).sum()) == k:
             return torch.sort(idx).values
-        cand = positions_above(flat, tau)
-        return _settle(cand, flat[cand], tau, k)
-    stride = max(16, m // max(4096, min(_SAMPLE, m // 64))) | 1  # odd: no aliasing with power-of-2 rows
-    sample = flat[::stride]
-    s = sample.numel()
-    expect = k / m * s  # how many sample values should lie above the k-th largest
-    margin = 4 * (expect * (1 - k / m)) ** 0.5 + 8
-    j_lo, j_hi = min(s, int(expect + margin) + 1), int(expect - margin)
-    ranked = torch.topk(sample, j_lo, sorted=True).values
+        return torch.nonzero(_settle_mask(flat, tau, k)).reshape(-1)
+    stride, j_lo, j_hi = sample_bracket(m, k)
+    ranked = torch.topk(flat[::stride], j_lo, sorted=True).values
     lo, hi = ranked[-1], (ranked[j_hi - 1] if j_hi >= 1 else None)
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+    if numpy:
         idx = _bracketed_numpy(flat.numpy(), positions_above(flat, lo).numpy(), k,
                                hi.item() if hi is not None else None)
-        if idx is not None:
-            return torch.from_numpy(idx)
+        idx = torch.from_numpy(idx) if idx is not None else None
     else:
-        cand = positions_above(flat, lo)
-        if len(cand) >= k:
-            vals = flat[cand]
-            if hi is None:
-                return _settle(cand, vals, torch.topk(vals, k, sorted=False).values.min(), k)
-            above = vals > hi  # surely in: rank only the entries inside the bracket
-            n_above = int(above.sum())
-            if n_above < k:
-                inside = vals[~above]
-                r = len(inside) - (k - n_above) + 1  # tau is the r-th smallest inside the bracket
-                tau = (torch.topk(inside, k - n_above, sorted=False).values.min() if k - n_above <= r
-                       else torch.topk(inside, r, largest=False, sorted=False).values.max())
-                return _settle(cand, vals, tau, k)
+        idx = _bracketed_torch(flat, k, lo, hi)
+    if idx is not None:
+        return idx
     tau = torch.topk(flat, k, sorted=False).values.min()  # the sample was fooled: rank everything
-    cand = positions_above(flat, tau)
-    return _settle(cand, flat[cand], tau, k)
+    cand = torch.nonzero(flat >= tau).reshape(-1)
+    return cand[_settle_mask(flat[cand], tau, k)]
 
 
 def _bracketed_numpy(a: np.ndarray, cand: np.ndarray, k: int, hi: float | None) -> np.ndarray | None:
     """top_indices on CPU once the sample gave the bracket [lo, hi] and `cand` holds the positions
-    at or above lo (NumPy's fancy indexing and partition are 2-5x torch's at these sizes); None
-    when the sample misled."""
+    at or above lo; None when the sample misled."""
     if len(cand) < k:
         return None
     vals = a[cand]
@@ -131,16 +136,36 @@ def _bracketed_numpy(a: np.ndarray, cand: np.ndarray, k: int, hi: float | None) 
     return cand[keep]
 
 
-def _settle(cand: torch.Tensor, vals: torch.Tensor, tau: torch.Tensor, k: int) -> torch.Tensor:
-    """Of ascending candidates whose k-th largest value is tau, the k kept (ties: lower first)."""
-    keep = vals >= tau
-    if int(keep.sum()) > k:  # surplus ties at tau: the lower positions win
-        eq = vals == tau
-        eq &= eq.cumsum(0) <= k - int((vals > tau).sum())
-        keep = (vals > tau) | eq
-    if not float(tau) > 0:
-        keep &= vals > 0
-    return cand[keep]
+def _bracketed_torch(flat: torch.Tensor, k: int, lo: torch.Tensor, hi: torch.Tensor | None) -> torch.Tensor | None:
+    """The same in torch, for GPUs: three waits for the device (the candidates' count, the count
+    above the bracket, the kept positions); None when the sample misled."""
+    cand = torch.nonzero(flat >= lo).reshape(-1)
+    if len(cand) < k:
+        return None
+    vals = flat[cand]
+    if hi is None:
+        tau = torch.topk(vals, k, sorted=False).values.min()
+    else:
+        above = vals > hi  # surely in: rank only the entries inside the bracket
+        n_above = int(above.sum())
+        if n_above >= k:
+            return None
+        j = k - n_above  # tau is the j-th largest inside the bracket, the r-th smallest
+        r = len(vals) - n_above - j + 1
+        if j <= r:  # entries above the bracket become -inf (+inf) so they never rank
+            tau = torch.topk(vals.masked_fill(above, float("-inf")), j, sorted=False).values.min()
+        else:
+            tau = torch.topk(vals.masked_fill(above, float("inf")), r, largest=False, sorted=False).values.max()
+    return cand[_settle_mask(vals, tau, k)]
+
+
+def _settle_mask(vals: torch.Tensor, tau: torch.Tensor, k: int) -> torch.Tensor:
+    """Which of ascending-position values whose k-th largest is tau are kept: all above tau,
+    then ties at tau from the lowest position while they fit, never a zero. No wait on the device."""
+    gt = vals > tau
+    eq = vals == tau
+    eq &= eq.cumsum(0) <= k - gt.sum()
+    return (gt | eq) & (vals > 0)
 
 
 def topk_mask(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
@@ -150,7 +175,7 @@ def topk_mask(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     the lower index, never a zero distance.
     """
     R, m = d.shape
-    k = torch.as_tensor(k, dtype=torch.long).expand(R).clamp(0, m)
+    k = torch.as_tensor(k, dtype=torch.long).expand(R).clamp(0, m)  # budgets on the CPU: no wait here
     kmax = int(k.max()) if R else 0
     if kmax == 0:
         return torch.zeros_like(d, dtype=torch.bool)
@@ -160,15 +185,70 @@ def topk_mask(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
         keep = torch.zeros(m, dtype=torch.bool, device=d.device)
         keep[top_indices(d[0], kmax)] = True
         return keep.reshape(1, m)
+    return rows_keep(d, k, kmax, ties="check" if d.device.type == "cpu" else "always")
+
+
+def rows_keep(d: torch.Tensor, k: torch.Tensor, kmax: int, ties: str = "always") -> torch.Tensor:
+    """topk_mask's rule for rows (R, m) by one torch.topk along the rows, with budgets k (R,)
+    (any device) and kmax = max(k) >= 1. Ties at a row's k-th value are settled by a running
+    count, always (no wait for the device), or only where a row has surplus ties ("check": one
+    wait, but on the CPU the count costs more than the check)."""
+    k = k.to(d.device)
     top = torch.topk(d, kmax, dim=1, sorted=True).values  # (R, kmax), descending
     tau = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (R, 1) the k-th largest
     tau = torch.where(k[:, None] == 0, torch.full_like(tau, float("inf")), tau)
     gt = d > tau
     need = k[:, None] - gt.sum(1, keepdim=True)  # how many entries at tau still fit
     eq = d == tau
-    if bool((eq.sum(1, keepdim=True) > need).any()):  # surplus ties at tau: the lower indices win
-        eq &= eq.cumsum(1) <= need
+    if ties == "always" or bool((eq.sum(1, keepdim=True) > need).any()):  # surplus ties: lower indices win
+        eq &= eq.cumsum(1, dtype=torch.int32) <= need
     return (gt | eq) & (d > 0)
+
+
+def segments_keep(d: torch.Tensor, keep: torch.Tensor, segs: list[tuple[int, int, int]],
+                  starts: torch.Tensor | None = None, ks: torch.Tensor | None = None) -> torch.Tensor:
+    """top_indices for several large silos at once: segs are (start, end, k) slices of the flat
+    distances d, each of 8,192+ entries with 0 < k < its size; their kept entries are set in the
+    bool mask `keep` (False there before). Each silo's strided sample brackets its k-th largest
+    as in top_indices; then one pass collects every silo's candidates, and the ones inside their
+    brackets are ranked all together by (silo, distance descending, position): two waits for
+    the device in all. Returns a bool per silo, False where its sample misled (then its entries
+    in `keep` are wrong and the caller must select that silo alone). `starts` and `ks`, the
+    silos' starts and budgets on d's device, may be given to spare the copies."""
+    dev = d.device
+    cmask = torch.zeros_like(keep)
+    lo, hi = [], []
+    inf = torch.full((1,), float("inf"), dtype=d.dtype, device=dev)
+    for a, b, k in segs:
+        stride, j_lo, j_hi = sample_bracket(b - a, k)
+        ranked = torch.topk(d[a:b:stride], j_lo, sorted=True).values
+        lo.append(ranked[j_lo - 1:j_lo])
+        hi.append(ranked[j_hi - 1:j_hi] if j_hi >= 1 else inf)
+        torch.ge(d[a:b], lo[-1], out=cmask[a:b])
+    hi_t = torch.cat(hi)
+    if starts is None:
+        starts = torch.tensor([a for a, _, _ in segs], device=dev)
+    if ks is None:
+        ks = torch.tensor([k for _, _, k in segs], device=dev)
+    S = len(segs)
+    cand = torch.nonzero(cmask).reshape(-1)  # ascending
+    del cmask
+    cseg = torch.searchsorted(starts, cand, right=True) - 1
+    vals = d[cand]
+    above = vals > hi_t[cseg]  # surely kept: fewer than k lie above the bracket
+    n_above = torch.zeros(S, dtype=torch.long, device=dev).index_add_(0, cseg, above.long())
+    need = ks - n_above
+    ok = (torch.bincount(cseg, minlength=S) >= ks) & (need > 0)
+    ins = torch.nonzero(~above).reshape(-1)
+    iv, iseg = vals[ins], cseg[ins]
+    order = torch.sort(iv, descending=True, stable=True).indices  # ties keep the lower position first
+    order = order[torch.sort(iseg[order], stable=True).indices]  # then by silo, stably
+    sseg = iseg[order]
+    rank = torch.arange(len(order), device=dev) - torch.searchsorted(sseg, torch.arange(S, device=dev))[sseg]
+    keep_c = above
+    keep_c[ins[order]] = (rank < need[sseg]) & (iv[order] > 0)
+    keep[cand] = keep_c
+    return ok
 
 
 class GlobalTopK:

@@ -4,6 +4,7 @@ import torch
 from dstcli.dtypes import bits_view
 from dstcli.engine import DST, bucket_optimizers
 from dstcli.errors import DstError
+from dstcli.select import sample_bracket
 from reference import ref_distance, ref_project
 
 
@@ -29,30 +30,33 @@ def batches(n):
 @pytest.mark.parametrize("dist", ["absolute", "relative", "inverse-relative"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reselect", [1, 3, None])
-@pytest.mark.parametrize("mode", ["lean", "bucketed", "one", "copy", "mapped"])
+@pytest.mark.parametrize("mode", ["lean", "bucketed", "batched", "one", "copy", "mapped"])
 def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect, mode):
     """The fast engine against the plain full-sort oracle, step after step. `lean` steps one
     AdamW per tensor and keeps no seed, `bucketed` one AdamW per DST.buckets() group ([a], [b, c]),
-    `one` one AdamW over all three; the reference steps one AdamW over all tensors."""
+    `one` one AdamW over all three, `batched` as bucketed with each bucket projected in one batch
+    (what GPUs run); the reference steps one AdamW over all tensors."""
     eps = 0.1
     model = Tiny(dtype)
     names = ["a", "b", "c"]
     seeds = [getattr(model, n).detach().clone() for n in names]
     seed = {"copy": "copy", "mapped": {n: s.clone() for n, s in zip(names, seeds)}}.get(mode, "none")
     dst = DST([(n, getattr(model, n)) for n in names], epsilon=eps, silo=silo, distance=dist,
-              reselect_every=reselect, seed=seed)
+              reselect_every=reselect, seed=seed, batched=mode == "batched")
+    assert dst.batched == (mode == "batched")
     ref_model = Tiny(dtype)
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=0.05)
     opts = {n: torch.optim.AdamW([getattr(model, n)], lr=0.05) for n in names}
-    if mode in ("bucketed", "one"):
-        groups = dst.buckets() if mode == "bucketed" else dst.buckets(limit=10**9)
-        assert groups == ([["a"], ["b", "c"]] if mode == "bucketed" else [names])
+    if mode in ("bucketed", "batched", "one"):
+        groups = dst.buckets(limit=10**9) if mode == "one" else dst.buckets()
+        # batched buckets default to 4 largest tensors: all three here
+        assert groups == ([names] if mode == "one" or dst.batched else [["a"], ["b", "c"]])
         opts = bucket_optimizers(groups, dict(model.named_parameters()), lambda ps: torch.optim.AdamW(ps, lr=0.05))
     ref_mask = None
     for step, x in enumerate(batches(7), 1):
         for o in (*opts.values(), ref_opt):
             o.zero_grad()
-        lean = mode in ("lean", "bucketed", "one")
+        lean = mode in ("lean", "bucketed", "batched", "one")
         model.loss(x).backward()
         ref_model.loss(x).backward()
         ref_opt.step()
@@ -163,15 +167,20 @@ def test_budget_that_rounds_to_zero_is_an_error():
 
 @pytest.mark.parametrize("eps", [0.01, 0.2])
 @pytest.mark.parametrize("ties", [False, True])
-def test_global_pool_with_many_tensors_matches_reference(eps, ties):
-    """Many tensors: the running pool is cut (and its floor used) several times in one step."""
+@pytest.mark.parametrize("batched", [False, True])
+def test_global_pool_with_many_tensors_matches_reference(eps, ties, batched):
+    """Many tensors: the running pool is cut (and its floor used) several times in one step
+    (batched: one optimizer per tensor makes each tensor a bucket)."""
     g = torch.Generator().manual_seed(3)
     shapes = [(40, 30), (7,), (50,), (30, 30), (3, 4, 5), (200,), (16, 16), (90,), (25, 8), (1,), (300,), (12, 12)]
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     names = [f"t{i}" for i in range(len(params))]
     seeds = [p.detach().clone() for p in params]
-    dst = DST(list(zip(names, params)), epsilon=eps, silo="global", seed="none")
+    dst = DST(list(zip(names, params)), epsilon=eps, silo="global", seed="none", batched=batched)
     opts = {n: torch.optim.SGD([p], lr=0.1) for n, p in zip(names, params)}
+    if batched:  # a few buckets of several tensors, the rest one tensor each
+        opts.update(bucket_optimizers([names[:3], names[5:8]], dict(zip(names, params)),
+                                      lambda ps: torch.optim.SGD(ps, lr=0.1)))
     for step in range(4):
         for p in params:
             grad = torch.randn(p.shape, generator=g)
@@ -205,3 +214,80 @@ def test_buckets_and_shared_optimizers():
     mixed = torch.optim.SGD([params["p2"], params["p3"]], lr=0.1)
     with pytest.raises(DstError, match="one dtype"):
         dst.step({**opts, "p2": mixed, "p3": mixed})
+
+
+class Nudge:
+    """An optimizer stand-in: adds precomputed steps, so two engines see the same updates."""
+
+    def __init__(self, params, steps):
+        self.params, self.steps, self.i = params, steps, 0
+
+    def step(self):
+        for p, s in zip(self.params, self.steps):
+            p.add_(s[self.i])
+        self.i += 1
+
+
+def _nudged_run(batched, silo, dist, dtype, reselect, eps, shapes, n_steps, restore_at=None):
+    g = torch.Generator().manual_seed(7)
+    params = {f"t{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for i, s in enumerate(shapes)}
+    steps = {n: [(torch.randn(p.shape, generator=g) * 0.1).to(dtype) for _ in range(n_steps)] for n, p in params.items()}
+    for n in steps:  # exact ties: a quarter of each step repeats one value, an eighth is zero
+        for st in steps[n]:
+            st.view(-1)[::4] = st.view(-1)[1]
+            st.view(-1)[2::8] = 0
+    dst = DST(params.items(), epsilon=eps, silo=silo, distance=dist, reselect_every=reselect, seed="none",
+              batched=batched)
+    name_of = {id(p): n for n, p in params.items()}
+    opts = bucket_optimizers(dst.buckets(), params, lambda ps: Nudge(ps, [steps[name_of[id(p)]] for p in ps]))
+    out = []
+    for step in range(n_steps):
+        if step == restore_at:  # continue from the kept sets, as a resumed run does
+            kept = {n: k.idx.clone() for n, k in dst.kept.items()}
+            vals = {n: params[n].detach().reshape(-1)[k.idx].clone() for n, k in dst.kept.items()}
+            seeds = {n: dst.seed_tensor(n) for n in params}
+            dst = DST(params.items(), epsilon=eps, silo=silo, distance=dist, reselect_every=reselect,
+                      seed="none", batched=batched)
+            for n, p in params.items():
+                p.data.copy_(seeds[n])
+            dst.restore(kept, step, vals)
+        stats = dst.step(opts)
+        out.append(({n: bits_view(p.detach()).clone() for n, p in params.items()},
+                    {n: (k.idx.clone(), bits_view(k.seed_vals).clone()) for n, k in dst.kept.items()},
+                    (stats.nonseed, stats.entered, stats.left, stats.reselected)))
+    return out, dst
+
+
+@pytest.mark.parametrize("silo", ["tensor", "row", "global"])
+@pytest.mark.parametrize("dist", ["absolute", "relative"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reselect", [1, 2, None])
+@pytest.mark.parametrize("eps", [1e-3, 0.05, 0.5, 1.0])
+def test_batched_step_equals_tensor_by_tensor(silo, dist, dtype, reselect, eps):
+    """Buckets with large tensor silos (sampled), small ones and rows, projected in one batch,
+    give the per-tensor engine's parameters, kept sets and counts, step after step."""
+    shapes = [(20_000,), (64,), (120, 90), (9000,), (7,), (300, 30), (50_000,)]
+    want, _ = _nudged_run(False, silo, dist, dtype, reselect, eps, shapes, 5, restore_at=3)
+    got, dst = _nudged_run(True, silo, dist, dtype, reselect, eps, shapes, 5, restore_at=3)
+    assert dst.batched
+    for step, (w, g) in enumerate(zip(want, got), 1):
+        for n in w[0]:
+            assert torch.equal(w[0][n], g[0][n]), (n, step)
+            assert torch.equal(w[1][n][0], g[1][n][0]) and torch.equal(w[1][n][1], g[1][n][1]), (n, step)
+        assert w[2] == g[2], step
+
+
+def test_batched_selection_falls_back_when_the_sample_misleads():
+    """A large silo whose strided sample sees only the small values: the batched selection
+    notices and selects that silo alone, exactly."""
+    m = 50_000
+    params = {"big": torch.nn.Parameter(torch.zeros(m)), "small": torch.nn.Parameter(torch.zeros(100))}
+    dst = DST(params.items(), epsilon=0.1, seed="none", batched=True)
+    stride = sample_bracket(m, 1)[0]
+    d = torch.ones(m + 101)  # the bucket's distances and the spare entry past them
+    d[:m:stride] = 0.5
+    d[m + 3] = 7.0
+    d[-1] = -1.0
+    idx, cuts = dst._select_flat(dst._plan(["big", "small"]), d)
+    assert cuts == [0, 5000, 5010]  # all 1.0 above the sample's 0.5s: ties, the lowest 5,000 win
+    assert torch.equal(idx, torch.cat([torch.nonzero(d[:m] == 1.0).reshape(-1)[:5000], torch.arange(m, m + 10)]))

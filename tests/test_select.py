@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dstcli.select import GlobalTopK, distance, top_indices, topk_mask
+from dstcli.select import GlobalTopK, distance, sample_bracket, segments_keep, top_indices, topk_mask
 from dstcli.silos import allocate, budget_total
 from reference import ref_distance, ref_keep
 
@@ -89,6 +89,8 @@ def test_sampled_selection_is_exact_on_large_silos(kind, k):
     assert torch.equal(mask, want)
     got = top_indices(d.double() if k == 7 else d, k)  # float64 distances take the same path
     assert torch.equal(got, torch.nonzero(want).reshape(-1))
+    # the torch path GPUs take, here on the CPU
+    assert torch.equal(top_indices(d, k, numpy=False), torch.nonzero(want).reshape(-1))
 
 
 @given(st.integers(1 << 17, 1 << 18), st.floats(1e-6, 0.6), st.integers(0, 3), st.integers(0, 10_000))
@@ -100,3 +102,66 @@ def test_top_indices_on_the_sampled_path_matches_a_stable_sort(m, frac, levels, 
     _, idx = torch.sort(d, descending=True, stable=True)
     want = torch.sort(idx[:k][d[idx[:k]] > 0]).values
     assert torch.equal(top_indices(d, k), want)
+    assert torch.equal(top_indices(d, k, numpy=False), want)
+
+
+@given(st.integers(1, 9000), st.floats(0, 1), st.integers(0, 3), st.integers(0, 10_000), st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_top_indices_on_both_paths_matches_a_stable_sort(m, frac, levels, seed, numpy):
+    """Every size up to past the sampled path's threshold (8,192), with ties and zeros, on the
+    NumPy path and on the torch path GPUs take."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(0, levels + 2, (m,), generator=g).float() if levels else torch.rand(m, generator=g)
+    k = int(frac * m)
+    _, idx = torch.sort(d, descending=True, stable=True)
+    want = torch.sort(idx[:k][d[idx[:k]] > 0]).values
+    assert torch.equal(top_indices(d, k, numpy=numpy), want)
+
+
+def test_segments_keep_reports_a_misleading_sample():
+    m = 50_000
+    for fill, k in ((0.5, 5000), (2.0, m // 2)):  # too many above the bracket; too few candidates
+        d = torch.ones(m)
+        d[::sample_bracket(m, 1)[0]] = fill
+        keep = torch.zeros(m, dtype=torch.bool)
+        assert segments_keep(d, keep, [(0, m, k)]).tolist() == [False]
+
+
+@given(st.lists(st.tuples(st.integers(8192, 40_000), st.floats(1e-5, 0.9), st.sampled_from(["rand", "ties", "periodic", "fool-low", "fool-high"])),
+                min_size=1, max_size=4), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_segments_keep_matches_a_stable_sort_per_silo(segs, seed):
+    """Several large silos side by side in one flat tensor (with a gap between them that must
+    stay untouched): each silo's kept entries are its own top-k by (distance, lower position);
+    a silo whose sample was fooled is reported, never silently wrong."""
+    g = torch.Generator().manual_seed(seed)
+    parts, spec, at = [], [], 0
+    for m, frac, kind in segs:
+        if kind == "rand":
+            d = torch.rand(m, generator=g)
+        elif kind == "ties":
+            d = torch.randint(0, 4, (m,), generator=g).float()
+        elif kind == "periodic":  # big values exactly where a strided sample never looks
+            d = torch.rand(m, generator=g) * 0.1
+            d[7::16] += 1.0
+        else:  # the sample sees only small (or only large) values: it must be caught misleading
+            d = torch.ones(m)
+            d[::sample_bracket(m, 1)[0]] = 0.5 if kind == "fool-low" else 2.0
+        gap = torch.rand(5, generator=g) + 10  # not a silo: large values nobody may select
+        parts += [d, gap]
+        spec.append((at, at + m, max(1, min(m - 1, int(frac * m)))))
+        at += m + 5
+    flat = torch.cat(parts)
+    keep = torch.zeros(flat.shape, dtype=torch.bool)
+    ok = segments_keep(flat, keep, spec)
+    for (a, b, k), good, (_, _, kind) in zip(spec, ok.tolist(), segs):
+        d = flat[a:b]
+        _, idx = torch.sort(d, descending=True, stable=True)
+        want = torch.zeros(b - a, dtype=torch.bool)
+        want[idx[:k]] = True
+        want &= d > 0
+        if good:
+            assert torch.equal(keep[a:b], want)
+        else:
+            assert kind.startswith("fool")  # only a fooling sample is refused
+        assert torch.equal(torch.nonzero(keep[b:b + 5]).reshape(-1), torch.empty(0, dtype=torch.long))
