@@ -156,9 +156,11 @@ class DST:
             and `gather(values, positions)` concatenates 1-D tensors over processes in order.
             A silo spanning processes then keeps exactly what one process would keep.
         batched: in `step`, project each bucket in one batch of kernels rather than tensor by
-            tensor (seed="none", no `gather`). The default, None, batches
-            when every parameter is on a GPU, where the per-tensor kernel launches and waits
-            cost more than the work itself. The kept sets are the same either way.
+            tensor (seed="none", no `gather`). The default, None, batches when every parameter
+            is on a GPU, where the per-tensor kernel launches and waits cost more than the work
+            itself. The kept sets are the same either way. On the CPU it pays only for models of
+            many small tensors with the global silo (the bundled model's DST step: 1.14-1.46x ->
+            1.07-1.29x full fine-tuning's); on a 25M model it costs 10-70% more there.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], *, epsilon: float | None = None,
