@@ -197,6 +197,7 @@ class DST:
         self.batched = bool(batched) and self.seed is None and gather is None
         self._bucket_kept: dict[str, tuple] = {}  # first name -> (names, kept objects, flat idx, seed values)
         self._plans: dict[str, _Plan] = {}
+        self._nonfinite: dict[str, torch.Tensor] = {}  # per bucket, counted by the last batched step
 
     def _seed_store(self, seed: str | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         if isinstance(seed, str):
@@ -349,6 +350,7 @@ class DST:
         for n in names:
             self._nonseed.pop(n, None)
         self._nonseed[names[0]] = (bits_view(vals) != bits_view(seed_vals)).sum()
+        self._nonfinite[names[0]] = (~torch.isfinite(vals)).sum()  # vals are now the kept entries
         if cuts is None:
             return
         local = idx - plan.first[torch.searchsorted(plan.first, idx, right=True) - 1]
@@ -657,6 +659,7 @@ class DST:
         """Continue a run: call while the parameters still hold the seed. `kept[name]` gives a
         tensor's kept positions (ascending) and `values[name]` its trained values there."""
         self._nonseed.clear()
+        self._nonfinite.clear()
         for name, p in self.params.items():
             flat = p.detach().view(-1)
             idx = kept.get(name, torch.empty(0, dtype=torch.long)).to(device=p.device, dtype=torch.long)
@@ -672,6 +675,8 @@ class DST:
 
     def nonfinite(self) -> int:
         """How many kept entries are NaN or infinite (the optimizer diverged)."""
+        if self.batched and self._nonfinite:  # counted bucket by bucket in the last step
+            return _total(self._nonfinite.values())
         return _total((~torch.isfinite(self.params[n].detach().reshape(-1)[k.idx])).sum()
                       for n, k in self.kept.items() if len(k.idx))
 

@@ -236,6 +236,7 @@ def _nudged_run(batched, silo, dist, dtype, reselect, eps, shapes, n_steps, rest
         for st in steps[n]:
             st.view(-1)[::4] = st.view(-1)[1]
             st.view(-1)[2::8] = 0
+    steps["t0"][1].view(-1)[[5, 77]] = float("nan")  # a diverged entry: kept (distance inf), counted
     dst = DST(params.items(), epsilon=eps, silo=silo, distance=dist, reselect_every=reselect, seed="none",
               batched=batched)
     name_of = {id(p): n for n, p in params.items()}
@@ -254,7 +255,7 @@ def _nudged_run(batched, silo, dist, dtype, reselect, eps, shapes, n_steps, rest
         stats = dst.step(opts)
         out.append(({n: bits_view(p.detach()).clone() for n, p in params.items()},
                     {n: (k.idx.clone(), bits_view(k.seed_vals).clone()) for n, k in dst.kept.items()},
-                    (stats.nonseed, stats.entered, stats.left, stats.reselected)))
+                    (stats.nonseed, stats.entered, stats.left, stats.reselected, dst.nonfinite())))
     return out, dst
 
 
@@ -270,6 +271,8 @@ def test_batched_step_equals_tensor_by_tensor(silo, dist, dtype, reselect, eps):
     want, _ = _nudged_run(False, silo, dist, dtype, reselect, eps, shapes, 5, restore_at=3)
     got, dst = _nudged_run(True, silo, dist, dtype, reselect, eps, shapes, 5, restore_at=3)
     assert dst.batched
+    if reselect == 1:
+        assert want[1][2][-1] == 2  # the two NaN entries of step 2, kept (distance inf) and counted
     for step, (w, g) in enumerate(zip(want, got), 1):
         for n in w[0]:
             assert torch.equal(w[0][n], g[0][n]), (n, step)
