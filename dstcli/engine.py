@@ -115,6 +115,19 @@ class _Plan:
     large_ks: torch.Tensor
 
 
+@dataclass
+class _Candidates:
+    """One bucket's entries in the batched global silo's pool: flat positions in the bucket
+    (ascending), their seed values, current values and distances, and the bucket's kept
+    positions before this step (for the churn counts)."""
+    plan: _Plan
+    idx: torch.Tensor
+    seed_vals: torch.Tensor
+    vals: torch.Tensor
+    dist: torch.Tensor
+    old_idx: torch.Tensor
+
+
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """dst[i].copy_(src[i]) for all i, in one multi-tensor kernel where torch has one."""
     foreach = getattr(torch, "_foreach_copy_", None)
@@ -361,12 +374,12 @@ class DST:
         self._bucket_kept[names[0]] = (tuple(names), tuple(kept), idx, seed_vals)
 
     def _global_batched(self, buckets: list[list[str]], optimizers: Mapping[str, torch.optim.Optimizer]) -> list:
-        """`_select_global` a bucket at a time: the pool holds per bucket its candidates' flat
-        positions, seed values, current values and distances; a cut rewrites a bucket's
-        parameters in one pass. Returns the churn counts per bucket."""
+        """`_select_global` a bucket at a time: the pool holds per bucket its candidates (see
+        `_Candidates`); a cut rewrites a bucket's parameters in one pass. Returns the churn
+        counts per bucket."""
         K = self.alloc
         wide = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
-        pool: list[list] = []  # [plan, idx, seed values, current values, distances, old idx]
+        pool: list[_Candidates] = []
         size, floor = 0, None
         for names in buckets:
             params, plan, snap, views, cur, old_idx, _ = self._update(names, optimizers[names[0]])
@@ -378,43 +391,42 @@ class DST:
                     idx = idx[d[idx] > floor]
             dist = d[idx].to(wide)
             del d
-            seed_vals, vals = snap[idx], cur[idx]
-            snap[idx] = vals
+            c = _Candidates(plan, idx, snap[idx], cur[idx], dist, old_idx)
+            snap[idx] = c.vals
             _copy_all(params, views)
-            pool.append([plan, idx, seed_vals, vals, dist, old_idx])
+            pool.append(c)
             size += len(idx)
             if size > 4 * K:
                 floor, size = self._cut_batched(pool, K), K
         if size > K:
             self._cut_batched(pool, K)
-        cuts = torch.cat([torch.searchsorted(e[1], e[0].starts_dev) for e in pool]).tolist()
+        cuts = torch.cat([torch.searchsorted(c.idx, c.plan.starts_dev) for c in pool]).tolist()
         out, at = [], 0
-        for plan, idx, seed_vals, vals, _, old_idx in pool:
-            n = len(plan.starts)
-            self._record(plan, idx, seed_vals, vals, cuts[at:at + n])
+        for c in pool:
+            n = len(c.plan.starts)
+            self._record(c.plan, c.idx, c.seed_vals, c.vals, cuts[at:at + n])
             at += n
-            out.append((_common(idx, old_idx, plan.starts[-1]), len(idx), len(old_idx)))
+            out.append((_common(c.idx, c.old_idx, c.plan.starts[-1]), len(c.idx), len(c.old_idx)))
         return out
 
-    def _cut_batched(self, pool: list[list], K: int) -> float:
+    def _cut_batched(self, pool: list[_Candidates], K: int) -> float:
         """Keep the pool's top-K (ties to the lower position), put the rest back to the seed;
         return the K-th largest distance."""
-        all_d = torch.cat([e[4] for e in pool])
+        all_d = torch.cat([c.dist for c in pool])
         chosen = top_indices(all_d, K)  # ascending
-        lens = [len(e[1]) for e in pool]
+        lens = [len(c.idx) for c in pool]
         starts = [0, *itertools.accumulate(lens)]
         cuts = torch.searchsorted(chosen, torch.tensor(starts, device=chosen.device)).tolist()
-        for i, e in enumerate(pool):
+        for i, c in enumerate(pool):
             if cuts[i + 1] - cuts[i] == lens[i]:
                 continue
             mine = chosen[cuts[i]:cuts[i + 1]] - starts[i]  # this bucket lost some entries
-            plan, idx, seed_vals, vals, dist, _ = e
-            params = [self.params[n].detach() for n in plan.names]
+            params = [self.params[n].detach() for n in c.plan.names]
             flat = torch.cat([p.reshape(-1) for p in params])
-            flat[idx] = seed_vals  # every candidate back to the seed, then the survivors' values
-            e[1:5] = idx[mine], seed_vals[mine], vals[mine], dist[mine]
-            flat[e[1]] = e[3]
-            _copy_all(params, [flat[a:b].view(p.shape) for a, b, p in zip(plan.starts, plan.starts[1:], params)])
+            flat[c.idx] = c.seed_vals  # every candidate back to the seed, then the survivors' values
+            c.idx, c.seed_vals, c.vals, c.dist = c.idx[mine], c.seed_vals[mine], c.vals[mine], c.dist[mine]
+            flat[c.idx] = c.vals
+            _copy_all(params, [flat[a:b].view(p.shape) for a, b, p in zip(c.plan.starts, c.plan.starts[1:], params)])
         return float(all_d[chosen].min()) if len(chosen) else 0.0
 
     def _plan(self, names: list[str]) -> _Plan:
