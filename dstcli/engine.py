@@ -208,7 +208,8 @@ class DST:
         if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
             batched = all(p.device.type == "cuda" for p in self.params.values())
         self.batched = bool(batched) and self.seed is None and gather is None
-        self._bucket_kept: dict[str, tuple] = {}  # first name -> (names, kept objects, flat idx, seed values)
+        # first name -> (names, kept objects, positions in each tensor, seed values, kept per tensor)
+        self._bucket_kept: dict[str, tuple] = {}
         self._plans: dict[str, _Plan] = {}
         self._nonfinite: dict[str, torch.Tensor] = {}  # per bucket, counted by the last batched step
 
@@ -332,7 +333,7 @@ class DST:
         views = [snap[a:b].view(p.shape) for a, b, p in zip(plan.starts, plan.starts[1:], params)]
         _copy_all(views, params)  # before the step: the seed, except at the kept entries
         opt.step()
-        old_idx, old_seed = self._kept_flat(names, plan.starts)
+        old_idx, old_seed = self._kept_flat(plan)
         snap[old_idx] = old_seed  # now the bucket's seed
         cur = torch.cat([p.reshape(-1) for p in params] + [snap[-1:]])
         return params, plan, snap, views, cur, old_idx, old_seed
@@ -366,12 +367,15 @@ class DST:
         self._nonfinite[names[0]] = (~torch.isfinite(vals)).sum()  # vals are now the kept entries
         if cuts is None:
             return
+        # each tensor's positions, as views of one tensor; the flat ones are not kept (8 bytes an
+        # entry): `_kept_flat` rebuilds them from these and the per-tensor counts
         local = idx - plan.first[torch.searchsorted(plan.first, idx, right=True) - 1]
         kept = []
         for n, a, b in zip(names, cuts, cuts[1:]):
             self.kept[n] = _Kept(local[a:b], seed_vals[a:b])
             kept.append(self.kept[n])
-        self._bucket_kept[names[0]] = (tuple(names), tuple(kept), idx, seed_vals)
+        counts = torch.searchsorted(idx, plan.starts_dev).diff()
+        self._bucket_kept[names[0]] = (tuple(names), tuple(kept), local, seed_vals, counts)
 
     def _global_batched(self, buckets: list[list[str]], optimizers: Mapping[str, torch.optim.Optimizer]) -> list:
         """`_select_global` a bucket at a time: the pool holds per bucket its candidates (see
@@ -462,13 +466,15 @@ class DST:
         self._plans[names[0]] = plan
         return plan
 
-    def _kept_flat(self, names: list[str], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A bucket's kept positions (flat over the bucket) and their seed values: as the last
-        batched step left them, or gathered from the per-tensor kept sets (after `restore`)."""
+    def _kept_flat(self, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """A bucket's kept positions (flat over the bucket) and their seed values: from what the
+        last batched step left, or gathered from the per-tensor kept sets (after `restore`)."""
+        names = plan.names
         c = self._bucket_kept.get(names[0])
-        if c is not None and c[0] == tuple(names) and all(self.kept[n] is k for n, k in zip(names, c[1])):
-            return c[2], c[3]
-        idx = torch.cat([self.kept[n].idx + a for n, a in zip(names, starts)])
+        if c is not None and c[0] == names and all(self.kept[n] is k for n, k in zip(names, c[1])):
+            _, _, local, seed_vals, counts = c
+            return local + torch.repeat_interleave(plan.first, counts, output_size=len(local)), seed_vals
+        idx = torch.cat([self.kept[n].idx + a for n, a in zip(names, plan.starts)])
         return idx, torch.cat([self.kept[n].seed_vals for n in names])
 
     def _select_flat(self, plan: _Plan, d: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
