@@ -128,6 +128,12 @@ class _Candidates:
     old_idx: torch.Tensor
 
 
+def _offsets(plan: _Plan, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """For a bucket's n kept entries, counts[i] of them in its i-th tensor: each entry's tensor's
+    first flat position (flat position = position in its tensor + this)."""
+    return torch.repeat_interleave(plan.first, counts, output_size=n)
+
+
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """dst[i].copy_(src[i]) for all i, in one multi-tensor kernel where torch has one."""
     foreach = getattr(torch, "_foreach_copy_", None)
@@ -369,12 +375,12 @@ class DST:
             return
         # each tensor's positions, as views of one tensor; the flat ones are not kept (8 bytes an
         # entry): `_kept_flat` rebuilds them from these and the per-tensor counts
-        local = idx - plan.first[torch.searchsorted(plan.first, idx, right=True) - 1]
+        counts = torch.tensor(cuts, device=idx.device).diff()
+        local = idx - _offsets(plan, counts, len(idx))
         kept = []
         for n, a, b in zip(names, cuts, cuts[1:]):
             self.kept[n] = _Kept(local[a:b], seed_vals[a:b])
             kept.append(self.kept[n])
-        counts = torch.searchsorted(idx, plan.starts_dev).diff()
         self._bucket_kept[names[0]] = (tuple(names), tuple(kept), local, seed_vals, counts)
 
     def _global_batched(self, buckets: list[list[str]], optimizers: Mapping[str, torch.optim.Optimizer]) -> list:
@@ -460,8 +466,8 @@ class DST:
             for i, (a, b, _) in enumerate(small):
                 at[i, :b - a] = torch.arange(a, b)
             pad = (at.to(dev), torch.tensor([k for _, _, k in small], device=dev), max(k for _, _, k in small))
-        plan = _Plan(tuple(names), starts, torch.tensor(starts, device=dev), torch.tensor(starts[:-1], device=dev),
-                     rows, pad, large, torch.tensor([a for a, _, _ in large], device=dev),
+        starts_dev = torch.tensor(starts, device=dev)
+        plan = _Plan(tuple(names), starts, starts_dev, starts_dev[:-1], rows, pad, large, torch.tensor([a for a, _, _ in large], device=dev),
                      torch.tensor([k for _, _, k in large], device=dev))
         self._plans[names[0]] = plan
         return plan
@@ -473,7 +479,7 @@ class DST:
         c = self._bucket_kept.get(names[0])
         if c is not None and c[0] == names and all(self.kept[n] is k for n, k in zip(names, c[1])):
             _, _, local, seed_vals, counts = c
-            return local + torch.repeat_interleave(plan.first, counts, output_size=len(local)), seed_vals
+            return local + _offsets(plan, counts, len(local)), seed_vals
         idx = torch.cat([self.kept[n].idx + a for n, a in zip(names, plan.starts)])
         return idx, torch.cat([self.kept[n].seed_vals for n in names])
 
