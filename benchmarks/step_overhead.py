@@ -44,6 +44,7 @@ MODELS = {
     "1.3b": GPTConfig(block_size=512, n_layer=24, n_head=16, n_embd=2048),
 }
 MODES = ("full", "dst", "obvious")
+BATCHED = {"auto": None, "on": True, "off": False}
 
 
 class Obvious:
@@ -81,7 +82,7 @@ class Obvious:
 
 class Runner:
     def __init__(self, mode: str, cfg: GPTConfig, eps: float, silo: str, device: torch.device, weights: torch.dtype,
-                 bucket: float | None = None):
+                 bucket: float | None = None, batched: bool | None = None):
         torch.manual_seed(0)
         with device:  # initialized where it runs (a 1.3B model's init on the CPU takes a minute)
             self.model = GPT(cfg)
@@ -94,7 +95,7 @@ class Runner:
         def adamw(ps):
             return torch.optim.AdamW(ps, lr=1e-3, fused=fused)
         if mode == "dst":
-            self.dst = DST(named.items(), epsilon=eps, silo=silo, seed="none")
+            self.dst = DST(named.items(), epsilon=eps, silo=silo, seed="none", batched=batched)
             # as `dstcli train` does: one AdamW per bucket of tensors
             limit = None if bucket is None else int(bucket * max(p.numel() for p in named.values()))
             self.opts = bucket_optimizers(self.dst.buckets(limit), named, adamw)
@@ -136,7 +137,7 @@ def child(args) -> None:
     device = torch.device(args.device)
     cfg = MODELS[args.models[0]]
     weights = torch.bfloat16 if args.weights == "bf16" else torch.float32
-    r = Runner(args.child, cfg, args.eps[0], args.silos[0], device, weights, args.bucket)
+    r = Runner(args.child, cfg, args.eps[0], args.silos[0], device, weights, args.bucket, BATCHED[args.batched])
     for x in batches(cfg, args, device, args.steps):
         r.step(x)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec
@@ -150,14 +151,14 @@ def peak_memory_mb(mode: str, model: str, eps: float, silo: str, args) -> float:
         torch.cuda.reset_peak_memory_stats()
         cfg = MODELS[model]
         r = Runner(mode, cfg, eps, silo, torch.device("cuda"), torch.bfloat16 if args.weights == "bf16" else torch.float32,
-                   args.bucket)
+                   args.bucket, BATCHED[args.batched])
         for x in batches(cfg, args, torch.device("cuda"), 3):
             r.step(x)
         del r
         return torch.cuda.max_memory_allocated() / 2**20
     cmd = [sys.executable, __file__, "--child", mode, "--models", model, "--eps", str(eps), "--silos", silo,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", "3", "--device", args.device,
-           "--weights", args.weights] + (["--bucket", str(args.bucket)] if args.bucket else [])
+           "--weights", args.weights, "--batched", args.batched] + (["--bucket", str(args.bucket)] if args.bucket else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -193,6 +194,8 @@ def main() -> None:
     ap.add_argument("--weights", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-obvious", action="store_true", help="skip the obvious projection (saves memory)")
     ap.add_argument("--bucket", type=float, help="DST bucket limit in largest tensors (default: DST.buckets' own)")
+    ap.add_argument("--batched", default="auto", choices=list(BATCHED),
+                    help="DST's batched step: auto (DST's own choice), on or off")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler's top operations of one DST update per configuration")
@@ -205,7 +208,7 @@ def main() -> None:
     modes = [m for m in MODES if not (args.no_obvious and m == "obvious")]
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {dev}, torch {torch.__version__}, batch {args.batch}x{args.seq} tokens, {args.weights} weights, "
-          f"median of {args.steps} interleaved steps, DST buckets "
+          f"median of {args.steps} interleaved steps, batched step {args.batched}, DST buckets "
           + (f"{args.bucket:g} largest tensors" if args.bucket else "DST.buckets' default"))
     print("| model | params | epsilon | silo | full ms | dst ms | obvious ms | dst / full | obvious / full | "
           "update ms full / dst / obvious | dst / full by updates |"
@@ -216,7 +219,8 @@ def main() -> None:
         for silo in args.silos:
             for eps in args.eps:
                 try:
-                    runners = {m: Runner(m, cfg, eps, silo, device, weights, args.bucket) for m in modes}
+                    runners = {m: Runner(m, cfg, eps, silo, device, weights, args.bucket, BATCHED[args.batched])
+                               for m in modes}
                 except DstError as e:  # e.g. row silos at epsilon 1e-6: every budget is zero
                     print(f"| {model} | | {eps:g} | {silo} | {e} |||||")
                     continue

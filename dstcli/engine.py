@@ -26,7 +26,8 @@ state and can come back later (churn). Resets copy the seed bits exactly.
 On a GPU the lean step runs batched (`batched=None` decides): each bucket (then 4 largest tensors)
 is snapshotted, updated, measured, selected and reset in a fixed number of kernels and a few
 waits for the device, since there kernel launches, not memory traffic, bound the per-tensor way.
-Both give the same kept sets and bits.
+On the CPU it runs batched for the global silo over small tensors (the bundled model), where
+per-tensor overheads dominate. Both give the same kept sets and bits.
 
 Why the lean way needs no seed: outside the kept set the value before a step *is* the seed value,
 so a snapshot of a bucket taken just before its update, with the kept entries' stored seed
@@ -45,8 +46,8 @@ import torch
 from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
-from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, positions_above, rows_keep, segments_keep, top_indices,
-                           topk_mask)
+from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, positions_above, rows_indices, rows_keep, segments_keep,
+                           top_indices)
 from dstcli.silos import allocate, budget_total, silo_rows
 
 
@@ -54,6 +55,9 @@ from dstcli.silos import allocate, budget_total, silo_rows
 # waits for the device, and holds ~13 bytes per entry of scratch (snapshot, updated copy,
 # distances, masks), so 4 keeps the scratch near 4% of a 1.3B model's fp32 training memory.
 BATCHED_BUCKET = 4
+# On the CPU the global silo runs batched when tensors average fewer entries than this: the
+# bundled model (26K a tensor) gains 4-11 points of step time, a 25M GPT (250K) loses 10-70%.
+SMALL_TENSOR = 1 << 16
 
 
 @dataclass
@@ -177,9 +181,10 @@ class DST:
         batched: in `step`, project each bucket in one batch of kernels rather than tensor by
             tensor (seed="none", no `gather`). The default, None, batches when every parameter
             is on a GPU, where the per-tensor kernel launches and waits cost more than the work
-            itself. The kept sets are the same either way. On the CPU it pays only for models of
-            many small tensors with the global silo (the bundled model's DST step: 1.14-1.46x ->
-            1.07-1.29x full fine-tuning's); on a 25M model it costs 10-70% more there.
+            itself, and on the CPU for the global silo when tensors average under SMALL_TENSOR
+            entries (the bundled model's DST step: 1.13-1.43x -> 1.08-1.31x full fine-tuning's;
+            on a 25M model, 250K entries a tensor, it costs 10-70% more). The kept sets are the
+            same either way.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], *, epsilon: float | None = None,
@@ -212,7 +217,9 @@ class DST:
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
         if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
-            batched = all(p.device.type == "cuda" for p in self.params.values())
+            sizes = [p.numel() for p in self.params.values()]
+            batched = (all(p.device.type == "cuda" for p in self.params.values())
+                       or (silo == "global" and sum(sizes) < SMALL_TENSOR * len(sizes)))
         self.batched = bool(batched) and self.seed is None and gather is None
         # first name -> (names, kept objects, positions in each tensor, seed values, kept per tensor)
         self._bucket_kept: dict[str, tuple] = {}
@@ -589,8 +596,7 @@ class DST:
             row_len = int(torch.Size(self.shapes[name][1:]).numel())
             first = self.shards[name][1] // row_len if self.shards else 0
             local = p.numel() // row_len
-            mask = topk_mask(d.view(local, row_len), self.alloc[name][first:first + local])
-            idx = torch.nonzero(mask.view(-1)).view(-1)
+            idx = rows_indices(d.view(local, row_len), self.alloc[name][first:first + local])
         del d
         self._reset_outside(name, seed, idx)
 

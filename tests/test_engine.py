@@ -280,6 +280,16 @@ def test_batched_step_equals_tensor_by_tensor(silo, dist, dtype, reselect, eps):
         assert w[2] == g[2], step
 
 
+def test_batched_default_on_the_cpu_is_the_global_silo_over_small_tensors():
+    small = [(f"s{i}", torch.nn.Parameter(torch.randn(64, 64))) for i in range(3)]
+    large = [(f"l{i}", torch.nn.Parameter(torch.randn(256, 300))) for i in range(2)]  # 76,800 each
+    assert DST(small, epsilon=0.01, silo="global", seed="none").batched
+    assert not DST(small, epsilon=0.01, silo="tensor", seed="none").batched
+    assert not DST(small, epsilon=0.01, silo="global", seed="copy").batched  # project() has no buckets
+    assert not DST(large, epsilon=0.01, silo="global", seed="none").batched
+    assert not DST(small, epsilon=0.01, silo="global", seed="none", batched=False).batched
+
+
 def test_batched_selection_falls_back_when_the_sample_misleads():
     """A large silo whose strided sample sees only the small values: the batched selection
     notices and selects that silo alone, exactly."""

@@ -26,15 +26,16 @@ def opts(tmp_path, name, **kw):
     return TrainOptions(output=str(tmp_path / f"{name}.dst"), **{**QUICK, **kw})
 
 
-def test_ctrl_c_saves_and_resume_gives_the_same_bytes(tmp_path):
-    train(opts(tmp_path, "whole"))
+@pytest.mark.parametrize("silo", ["tensor", "global"])  # the bundled model's global silo runs batched
+def test_ctrl_c_saves_and_resume_gives_the_same_bytes(tmp_path, silo):
+    train(opts(tmp_path, "whole", silo=silo))
 
     def interrupt_at_5(r):
         if r.get("step") == 5:
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the run finishes step 5 first
 
     with pytest.raises(Stopped, match="stopped at step 5 of 12"):
-        train(opts(tmp_path, "split", save_every=100), on_step=interrupt_at_5)
+        train(opts(tmp_path, "split", save_every=100, silo=silo), on_step=interrupt_at_5)
     state_dir = tmp_path / "split.dst.state"
     st = load_state(state_dir)
     assert st.step == 5 and not (tmp_path / "split.dst").exists()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dstcli.select import GlobalTopK, distance, sample_bracket, segments_keep, top_indices, topk_mask
+from dstcli.select import GlobalTopK, distance, rows_indices, sample_bracket, segments_keep, top_indices, topk_mask
 from dstcli.silos import allocate, budget_total
 from reference import ref_distance, ref_keep
 
@@ -24,6 +24,30 @@ def test_topk_mask_matches_sort_reference(case):
     got = topk_mask(d, k)
     for r in range(d.shape[0]):
         assert torch.equal(got[r], ref_keep(d[r], int(k[r])))
+
+
+@given(st.integers(2, 40), st.integers(1, 2500), st.sampled_from(["rand", "ties", "zeros", "inf"]),
+       st.sampled_from(["one", "one", "two", "many", "edges"]), st.sampled_from([0, 0.004, 0.01, 0.04, 0.1, 0.3]), st.sampled_from([torch.float32, torch.float64]),
+       st.integers(0, 10_000))
+@settings(max_examples=300, deadline=None)
+def test_rows_indices_match_the_mask_on_every_path(R, m, kind, budgets, frac, dtype, seed):
+    # continuous values take the fast paths (top k along rows up to 5% of a row, a partition
+    # above), ties, zeros and infinities their fallback; budgets alike or differing by row
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(R, m, generator=g, dtype=dtype)
+    if kind == "ties":
+        d = torch.randint(0, 5, (R, m), generator=g).to(dtype)
+    elif kind == "zeros":
+        d[torch.rand(R, m, generator=g) < 0.7] = 0
+    elif kind == "inf":
+        d[torch.rand(R, m, generator=g) < 0.02] = float("inf")
+    base = max(1, min(m - 1, int(frac * m)))
+    k = {"one": torch.full((R,), base), "two": base + (torch.arange(R) % 2),
+         "many": torch.randint(1, m + 1, (R,), generator=g), "edges": torch.randint(0, 2, (R,)) * m}[budgets]
+    want = torch.nonzero(topk_mask(d, k).view(-1)).view(-1)
+    assert torch.equal(rows_indices(d, k), want)
+    ref = torch.cat([ref_keep(d[r], int(k[r])) for r in range(R)])
+    assert torch.equal(want, torch.nonzero(ref).view(-1))
 
 
 @given(st.lists(st.integers(1, 60), min_size=1, max_size=5), st.integers(0, 80), st.integers(0, 1000))
