@@ -50,6 +50,31 @@ def test_train_improves_and_applied_patch_reproduces_the_model(tmp_path):
         assert e["changed"] <= e["silo"]["budget"]
 
 
+def test_global_silo_batched_on_the_cpu_gives_the_per_tensor_patch(tmp_path, monkeypatch):
+    """The bundled model's global silo runs batched by default on the CPU (small tensors): the
+    patch is byte for byte the per-tensor engine's (other buckets, same kept sets and values)."""
+    import dstcli.train as T
+    from dstcli.engine import DST
+
+    made = []
+
+    class Spy(DST):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self.batched)
+    monkeypatch.setattr(T, "DST", Spy)
+    run = {**SMALL, "steps": 8, "reselect_every": 2}
+    train(TrainOptions(output=str(tmp_path / "batched.dst"), silo="global", **run))
+
+    class PerTensor(Spy):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw, batched=False)
+    monkeypatch.setattr(T, "DST", PerTensor)
+    train(TrainOptions(output=str(tmp_path / "per-tensor.dst"), silo="global", **run))
+    assert made == [True, False]
+    assert (tmp_path / "batched.dst").read_bytes() == (tmp_path / "per-tensor.dst").read_bytes()
+
+
 @pytest.mark.slow
 def test_same_seed_same_patch_bytes(tmp_path):
     for name in ("a", "b"):
