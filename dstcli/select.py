@@ -196,8 +196,8 @@ def rows_indices(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     torch.topk along the rows gives the positions directly (budgets of up to 8 entries, or up to
     1/8 of rows of 1,024+ entries: there it beats a partition), or a NumPy partition gives each
     row's k-th value and one pass marks what is at or above it (other budgets, or budgets that
-    differ between rows). Anything else (ties at the k-th value, fewer
-    than k positive distances) takes topk_mask's path, which settles ties.
+    differ between rows). Where a row has ties at its k-th value or fewer than k positive
+    distances, the k-th values found settle them as topk_mask does.
     """
     R, m = d.shape
     k = torch.as_tensor(k, dtype=torch.long).expand(R).clamp(0, m)
@@ -205,38 +205,45 @@ def rows_indices(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
         kmin, kmax = int(k.min()), int(k.max())
         if 0 < kmin and kmax < m:
             top = kmin == kmax and (kmax <= 8 or (m >= 1024 and 8 * kmax <= m))  # measured on a 2-core CPU
-            got = _rows_top(d, k, kmax) if top else _rows_partition(d, k)
-            if got is not None:
-                return got
+            if top:
+                return _rows_top(d, k, kmax)
+            if len(np.unique(k.numpy())) <= 4:
+                return _rows_partition(d, k)
     return torch.nonzero(topk_mask(d, k).view(-1)).view(-1)
 
 
-def _rows_top(d: torch.Tensor, k: torch.Tensor, kk: int) -> torch.Tensor | None:
-    """rows_indices with one budget kk for every row: None where a row has a tie at its k-th
-    value or a zero among its top kk."""
+def _rows_top(d: torch.Tensor, k: torch.Tensor, kk: int) -> torch.Tensor:
+    """rows_indices with one budget kk for every row, by torch.topk along the rows."""
     vals, idx = torch.topk(d, kk, dim=1, sorted=False)
     tau = vals.min(1, keepdim=True).values
     if not bool((tau > 0).all()) or not bool(((d >= tau).sum(1) == k).all()):
-        return None
+        return torch.nonzero(_rows_settle(d, k, tau, "check").view(-1)).view(-1)
     pos = np.sort(idx.numpy(), axis=1)
     pos += np.arange(0, d.shape[0] * d.shape[1], d.shape[1], dtype=np.int64)[:, None]
     return torch.from_numpy(pos.reshape(-1))
 
 
-def _rows_partition(d: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """rows_indices by NumPy's partition (a few distinct budgets at most); None as for _rows_top."""
+def _rows_partition(d: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """rows_indices by NumPy's partition at each row's k-th largest (a few distinct budgets)."""
     R, m = d.shape
-    kths = np.unique(m - k.numpy())
-    if len(kths) > 4:
-        return None
-    a = d.numpy()
-    tau = np.partition(a, kths, axis=1)[np.arange(R), m - k.numpy()][:, None]
-    if not (tau > 0).all():
-        return None
+    a, kn = d.numpy(), k.numpy()
+    tau = np.partition(a, np.unique(m - kn), axis=1)[np.arange(R), m - kn][:, None]
     mask = a >= tau
-    if not (np.count_nonzero(mask, axis=1) == k.numpy()).all():
-        return None
+    if not (tau > 0).all() or not (np.count_nonzero(mask, axis=1) == kn).all():
+        return torch.nonzero(_rows_settle(d, k, torch.from_numpy(tau), "check").view(-1)).view(-1)
     return torch.from_numpy(np.flatnonzero(mask))
+
+
+def _rows_settle(d: torch.Tensor, k: torch.Tensor, tau: torch.Tensor, ties: str = "always") -> torch.Tensor:
+    """The keep-mask of rows (R, m) with budgets k (R,) whose k-th largest values are tau (R, 1):
+    all above tau, then ties at tau from the lowest index while they fit, never a zero (`ties`
+    as in rows_keep)."""
+    gt = d > tau
+    need = k[:, None] - gt.sum(1, keepdim=True)  # how many entries at tau still fit
+    eq = d == tau
+    if ties == "always" or bool((eq.sum(1, keepdim=True) > need).any()):  # surplus ties: lower indices win
+        eq &= eq.cumsum(1, dtype=torch.int32) <= need
+    return (gt | eq) & (d > 0)
 
 
 def rows_keep(d: torch.Tensor, k: torch.Tensor, kmax: int, ties: str = "always") -> torch.Tensor:
