@@ -55,6 +55,11 @@ from dstcli.silos import allocate, budget_total, silo_rows
 # waits for the device, and holds ~13 bytes per entry of scratch (snapshot, updated copy,
 # distances, masks), so 4 keeps the scratch near 4% of a 1.3B model's fp32 training memory.
 BATCHED_BUCKET = 4
+# Buckets hold at least this many entries (4 MB of fp32 scratch): on models whose tensors are all
+# small, each optimizer call and bucket costs more than its work (the bundled model's DST step:
+# buckets of its largest tensor, 65K entries, 1.08/1.18x full fine-tuning's at epsilon 1e-3/1e-2;
+# of 16 of them, 1.06/1.14x).
+BUCKET_MIN = 1 << 20
 # On the CPU the global silo runs batched when tensors average fewer entries than this: the
 # bundled model (26K a tensor) gains 4-11 points of step time, a 25M GPT (250K) loses 10-70%.
 SMALL_TENSOR = 1 << 16
@@ -520,15 +525,17 @@ class DST:
 
     def buckets(self, limit: int | None = None) -> list[list[str]]:
         """The parameters to step, grouped for one optimizer each: consecutive tensors of one dtype
-        and device whose entries add up to at most `limit` (default: the largest tensor's), so
-        stepping a bucket at once keeps the snapshot at one tensor's size. Fewer, larger
-        optimizer calls save most of their per-call cost (one AdamW call per tensor of the
-        bundled model took 4.7 ms per step against 2.8-3.6 ms for one call over all of them).
-        A batched DST's default is BATCHED_BUCKET times the largest tensor: each bucket then
-        costs a fixed number of kernel launches and waits, whatever its tensors."""
+        and device whose entries add up to at most `limit` (default: the largest tensor's, but
+        at least BUCKET_MIN entries), so stepping a bucket at once keeps the snapshot at one
+        tensor's size. Fewer, larger optimizer calls save most of their per-call cost (one AdamW
+        call per tensor of the bundled model took 4.7 ms per step against 2.8-3.6 ms for one
+        call over all of them). A batched DST's default is BATCHED_BUCKET times the largest
+        tensor: each bucket then costs a fixed number of kernel launches and waits, whatever
+        its tensors."""
         order = [n for n in self.params if n not in self.frozen]
         if limit is None:
-            limit = max((self.params[n].numel() for n in order), default=0) * (BATCHED_BUCKET if self.batched else 1)
+            largest = max((self.params[n].numel() for n in order), default=0)
+            limit = max(largest * (BATCHED_BUCKET if self.batched else 1), BUCKET_MIN)
         out: list[list[str]] = []
         size = 0
         for n in order:

@@ -48,8 +48,9 @@ def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect, mode)
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=0.05)
     opts = {n: torch.optim.AdamW([getattr(model, n)], lr=0.05) for n in names}
     if mode in ("bucketed", "batched", "one"):
-        groups = dst.buckets(limit=10**9) if mode == "one" else dst.buckets()
-        # batched buckets default to 4 largest tensors: all three here
+        # `bucketed` as a model whose largest tensor is past BUCKET_MIN would be; batched buckets
+        # default to 4 largest tensors: all three here
+        groups = dst.buckets(limit=10**9 if mode == "one" else None if dst.batched else 120)
         assert groups == ([names] if mode == "one" or dst.batched else [["a"], ["b", "c"]])
         opts = bucket_optimizers(groups, dict(model.named_parameters()), lambda ps: torch.optim.AdamW(ps, lr=0.05))
     ref_mask = None
@@ -196,14 +197,16 @@ def test_global_pool_with_many_tensors_matches_reference(eps, ties, batched):
 
 
 def test_buckets_and_shared_optimizers():
-    """Buckets are consecutive, of one dtype, at most the limit (default: the largest tensor);
-    an optimizer over parameters that are not consecutive, or of two dtypes, is refused."""
+    """Buckets are consecutive, of one dtype, at most the limit (default: the largest tensor, at
+    least BUCKET_MIN entries); an optimizer over parameters that are not consecutive, or of two
+    dtypes, is refused."""
     m = torch.nn.Module()
     sizes = [(30,), (10,), (10,), (25,), (40,), (5,)]
     for i, sh in enumerate(sizes):
         m.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(sh, dtype=torch.bfloat16 if i == 3 else torch.float32)))
     dst = DST(m.named_parameters(), epsilon=0.5, seed="none")
-    assert dst.buckets() == [["p0", "p1"], ["p2"], ["p3"], ["p4"], ["p5"]]  # greedy up to 40; p3 is bf16
+    assert dst.buckets() == [["p0", "p1", "p2"], ["p3"], ["p4", "p5"]]  # small tensors: BUCKET_MIN; p3 is bf16
+    assert dst.buckets(limit=40) == [["p0", "p1"], ["p2"], ["p3"], ["p4"], ["p5"]]  # greedy up to 40
     assert dst.buckets(limit=20) == [["p0"], ["p1", "p2"], ["p3"], ["p4"], ["p5"]]
     assert dst.buckets(limit=10) == [["p0"], ["p1"], ["p2"], ["p3"], ["p4"], ["p5"]]
     params = dict(m.named_parameters())
