@@ -283,6 +283,39 @@ def test_batched_step_equals_tensor_by_tensor(silo, dist, dtype, reselect, eps):
         assert w[2] == g[2], step
 
 
+@pytest.mark.parametrize("seed", ["none", "copy"])
+def test_small_silos_of_several_dtypes_are_projected_exactly(seed):
+    """Small silos are projected together, one batch per dtype: each keeps what the plain
+    reference keeps (float64 distances only for float64 tensors), over steps that re-select
+    and steps that keep the kept set."""
+    g = torch.Generator().manual_seed(3)
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32, torch.bfloat16]
+    params = {f"p{i}": torch.nn.Parameter(torch.randn(40 + 13 * i, generator=g).to(dt)) for i, dt in enumerate(dtypes)}
+    params["big"] = torch.nn.Parameter(torch.randn(9000, generator=g))  # not small: the per-tensor path
+    seeds = {n: p.detach().clone() for n, p in params.items()}
+    dst = DST(params.items(), epsilon=0.2, seed=seed, reselect_every=2)
+    opts = {n: torch.optim.SGD([p], lr=1.0) for n, p in params.items()}
+    mask = None
+    for step in range(4):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype) * 0.01
+        if seed == "copy":
+            for o in opts.values():
+                o.step()
+            want = {n: p.detach().clone() for n, p in params.items()}
+            dst.project()
+        else:
+            want = {n: p.detach() - p.grad for n, p in params.items()}  # SGD, lr 1
+            dst.step(opts)
+        names = list(params)
+        out, masks = ref_project([want[n] for n in names], [seeds[n] for n in names], epsilon=0.2, silo="tensor",
+                                 distance="absolute", mask=mask if step % 2 else None)
+        mask = masks
+        for n, o in zip(names, out):
+            assert bits_view(params[n].detach()).equal(bits_view(o)), (step, n)
+            assert dst.kept[n].seed_vals.dtype == params[n].dtype
+
+
 def test_batched_default_on_the_cpu_is_the_global_silo_over_small_tensors():
     small = [(f"s{i}", torch.nn.Parameter(torch.randn(64, 64))) for i in range(3)]
     large = [(f"l{i}", torch.nn.Parameter(torch.randn(256, 300))) for i in range(2)]  # 76,800 each
