@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dstcli.checkpoint import atomic_path
+from dstcli.checkpoint import MAX_HEADER, atomic_path
 from dstcli.errors import DstError
 from dstcli.patchfile import Change, save_patch
 
@@ -85,11 +86,16 @@ def save_state(directory: Path, *, step: int, options: dict, info: dict, changes
 
 
 def state_step(directory: str | Path) -> int | None:
-    """The step a state directory holds, or None (cheap: reads the header only)."""
+    """The step a state directory holds, or None (cheap: reads the header only, through one open
+    file, so a state being replaced meanwhile reads as the old or the new one, never a mix)."""
     try:
-        with safe_open(str(Path(directory) / STATE_FILE), framework="pt") as f:
-            return int(json.loads((f.metadata() or {})[META_KEY])["step"])
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        with open(Path(directory) / STATE_FILE, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > MAX_HEADER:
+                return None
+            header = json.loads(f.read(size))
+        return int(json.loads(header["__metadata__"][META_KEY])["step"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
         return None
 
 
