@@ -1,8 +1,8 @@
 """The DST engine: after each optimizer step, keep per silo only the entries farthest from the seed.
 
 Two ways to drive it. The lean one steps the optimizer of each bucket of consecutive tensors
-(at most the largest tensor's size) and projects those tensors right away, so no copy of the seed
-is ever held (only the kept entries' seed values, O(epsilon n)):
+(at most the largest tensor's size, or BUCKET_MIN entries) and projects those tensors right away,
+so no copy of the seed is ever held (only the kept entries' seed values, O(epsilon n)):
 
     dst = DST(model.named_parameters(), epsilon=1e-3, seed="none")
     opts = bucket_optimizers(dst.buckets(), dict(model.named_parameters()),
@@ -31,7 +31,9 @@ per-tensor overheads dominate. Both give the same kept sets and bits.
 
 Why the lean way needs no seed: outside the kept set the value before a step *is* the seed value,
 so a snapshot of a bucket taken just before its update, with the kept entries' stored seed
-values written back, is its tensors' seed. Temporary memory is one bucket (the largest tensor).
+values written back, is its tensors' seed. Temporary memory is one bucket (the largest tensor,
+or BUCKET_MIN entries), plus copies of the small silos' seeds (under SAMPLED_MIN entries each),
+which are projected together at the end of the step or every BUCKET_MIN entries of them.
 """
 
 from __future__ import annotations
@@ -562,7 +564,8 @@ class DST:
         if reselect and self.silo == "global":
             self._select_global(seed_of)
         else:
-            small: list[tuple[str, torch.Tensor]] = []  # small silos, projected together at the end
+            small: list[tuple[str, torch.Tensor]] = []  # small silos, projected together
+            pending = 0  # their entries: at BUCKET_MIN they are projected, so copies stay one bucket
             for name, p in self.params.items():
                 if name in self.frozen:
                     if self.seed is not None:
@@ -571,15 +574,16 @@ class DST:
                 seed = seed_of(name)
                 if p.numel() < SAMPLED_MIN and self.gather is None and silo_rows(self.shapes[name], self.silo) == 1:
                     small.append((name, seed.clone()))  # a snapshot's view: the next bucket reuses it
+                    pending += p.numel()
+                    if pending >= BUCKET_MIN:
+                        self._project_small(small, reselect)
+                        small, pending = [], 0
                 elif reselect:
                     self._select_tensor(name, seed)
                 else:  # the kept set stays; its seed values come out the same from `seed`
                     self._reset_outside(name, seed, self.kept[name].idx)
-            kinds: dict[tuple, list[tuple[str, torch.Tensor]]] = {}  # one batch per dtype and device
-            for name, seed in small:
-                kinds.setdefault((self.params[name].dtype, self.params[name].device), []).append((name, seed))
-            for batch in kinds.values():
-                self._project_small(batch, reselect)
+            if small:
+                self._project_small(small, reselect)
         entered = left = 0
         if reselect:
             both = _total(_common(k.idx, old[name], self.params[name].numel()) for name, k in self.kept.items())
@@ -590,9 +594,18 @@ class DST:
     # ---- projection of one tensor ----------------------------------------------------------
 
     def _project_small(self, small: list[tuple[str, torch.Tensor]], reselect: bool) -> None:
-        """Project small tensor silos (under SAMPLED_MIN entries each) at once: concatenated,
-        selected by one topk along the rows of a padded (silos, longest) matrix, reset by one
-        multi-tensor copy. Each costs ~100 us of small kernels alone (LayerNorm weights, biases)."""
+        """Project small tensor silos (under SAMPLED_MIN entries each; (name, seed) pairs) at once,
+        one batch per dtype and device. Alone, each costs ~100 us of small kernels (LayerNorm
+        weights, biases)."""
+        kinds: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+        for name, seed in small:
+            kinds.setdefault((self.params[name].dtype, self.params[name].device), []).append((name, seed))
+        for batch in kinds.values():
+            self._small_batch(batch, reselect)
+
+    def _small_batch(self, small: list[tuple[str, torch.Tensor]], reselect: bool) -> None:
+        """`_project_small` for one dtype and device: the silos concatenated, selected by one
+        topk along the rows of a padded (silos, longest) matrix, reset by one multi-tensor copy."""
         names = tuple(n for n, _ in small)
         params = [self.params[n].detach() for n in names]
         starts = [0, *itertools.accumulate(p.numel() for p in params)]

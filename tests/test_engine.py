@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dstcli.dtypes import bits_view
+from dstcli import engine
 from dstcli.engine import DST, bucket_optimizers
 from dstcli.errors import DstError
 from dstcli.select import sample_bracket
@@ -284,10 +285,13 @@ def test_batched_step_equals_tensor_by_tensor(silo, dist, dtype, reselect, eps):
 
 
 @pytest.mark.parametrize("seed", ["none", "copy"])
-def test_small_silos_of_several_dtypes_are_projected_exactly(seed):
-    """Small silos are projected together, one batch per dtype: each keeps what the plain
-    reference keeps (float64 distances only for float64 tensors), over steps that re-select
-    and steps that keep the kept set."""
+@pytest.mark.parametrize("cap", [None, 100])
+def test_small_silos_of_several_dtypes_are_projected_exactly(seed, cap, monkeypatch):
+    """Small silos are projected together, one batch per dtype (and every BUCKET_MIN entries:
+    `cap` makes that every tensor or two): each keeps what the plain reference keeps (float64
+    distances only for float64 tensors), over steps that re-select and steps that keep the set."""
+    if cap:
+        monkeypatch.setattr(engine, "BUCKET_MIN", cap)
     g = torch.Generator().manual_seed(3)
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32, torch.bfloat16]
     params = {f"p{i}": torch.nn.Parameter(torch.randn(40 + 13 * i, generator=g).to(dt)) for i, dt in enumerate(dtypes)}
