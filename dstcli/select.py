@@ -255,12 +255,7 @@ def rows_keep(d: torch.Tensor, k: torch.Tensor, kmax: int, ties: str = "always")
     top = torch.topk(d, kmax, dim=1, sorted=True).values  # (R, kmax), descending
     tau = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (R, 1) the k-th largest
     tau = torch.where(k[:, None] == 0, torch.full_like(tau, float("inf")), tau)
-    gt = d > tau
-    need = k[:, None] - gt.sum(1, keepdim=True)  # how many entries at tau still fit
-    eq = d == tau
-    if ties == "always" or bool((eq.sum(1, keepdim=True) > need).any()):  # surplus ties: lower indices win
-        eq &= eq.cumsum(1, dtype=torch.int32) <= need
-    return (gt | eq) & (d > 0)
+    return _rows_settle(d, k, tau, ties)
 
 
 def segments_keep(d: torch.Tensor, keep: torch.Tensor, segs: list[tuple[int, int, int]],
