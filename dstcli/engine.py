@@ -139,10 +139,24 @@ class _Candidates:
     old_idx: torch.Tensor
 
 
-def _offsets(plan: _Plan, counts: torch.Tensor, n: int) -> torch.Tensor:
-    """For a bucket's n kept entries, counts[i] of them in its i-th tensor: each entry's tensor's
-    first flat position (flat position = position in its tensor + this)."""
-    return torch.repeat_interleave(plan.first, counts, output_size=n)
+def _offsets(first: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """For n kept entries of concatenated tensors whose first flat positions are `first`,
+    counts[i] of them in the i-th tensor: each entry's tensor's first flat position (flat
+    position = position in its tensor + this)."""
+    return torch.repeat_interleave(first, counts, output_size=n)
+
+
+def _pool_cut(dists: list[torch.Tensor], K: int, keep: torch.Tensor | None = None) -> tuple[list, float]:
+    """A global silo's pool, as the distances of its parts (ascending position within each, the
+    parts in order): the top-K (ties to the lower position), or the entries `keep` marks. Per
+    part, the positions in it that stay (None where all do), and the K-th largest distance."""
+    all_d = torch.cat(dists)
+    chosen = top_indices(all_d, K) if keep is None else torch.nonzero(keep).view(-1)  # ascending
+    lens = [len(v) for v in dists]
+    starts = [0, *itertools.accumulate(lens)]
+    cuts = torch.searchsorted(chosen, torch.tensor(starts, device=chosen.device)).tolist()  # each part's share
+    mine = [None if b - a == n else chosen[a:b] - s0 for a, b, n, s0 in zip(cuts, cuts[1:], lens, starts)]
+    return mine, (float(all_d[chosen].min()) if len(chosen) else 0.0)
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -391,7 +405,7 @@ class DST:
         # each tensor's positions, as views of one tensor; the flat ones are not kept (8 bytes an
         # entry): `_kept_flat` rebuilds them from these and the per-tensor counts
         counts = torch.tensor(cuts, device=idx.device).diff()
-        local = idx - _offsets(plan, counts, len(idx))
+        local = idx - _offsets(plan.first, counts, len(idx))
         kept = []
         for n, a, b in zip(names, cuts, cuts[1:]):
             self.kept[n] = _Kept(local[a:b], seed_vals[a:b])
@@ -437,22 +451,17 @@ class DST:
     def _cut_batched(self, pool: list[_Candidates], K: int) -> float:
         """Keep the pool's top-K (ties to the lower position), put the rest back to the seed;
         return the K-th largest distance."""
-        all_d = torch.cat([c.dist for c in pool])
-        chosen = top_indices(all_d, K)  # ascending
-        lens = [len(c.idx) for c in pool]
-        starts = [0, *itertools.accumulate(lens)]
-        cuts = torch.searchsorted(chosen, torch.tensor(starts, device=chosen.device)).tolist()
-        for i, c in enumerate(pool):
-            if cuts[i + 1] - cuts[i] == lens[i]:
+        shares, kth = _pool_cut([c.dist for c in pool], K)
+        for c, mine in zip(pool, shares):
+            if mine is None:
                 continue
-            mine = chosen[cuts[i]:cuts[i + 1]] - starts[i]  # this bucket lost some entries
-            params = [self.params[n].detach() for n in c.plan.names]
+            params = [self.params[n].detach() for n in c.plan.names]  # this bucket lost some entries
             flat = torch.cat([p.reshape(-1) for p in params])
             flat[c.idx] = c.seed_vals  # every candidate back to the seed, then the survivors' values
             c.idx, c.seed_vals, c.vals, c.dist = c.idx[mine], c.seed_vals[mine], c.vals[mine], c.dist[mine]
             flat[c.idx] = c.vals
             _copy_all(params, [flat[a:b].view(p.shape) for a, b, p in zip(c.plan.starts, c.plan.starts[1:], params)])
-        return float(all_d[chosen].min()) if len(chosen) else 0.0
+        return kth
 
     def _plan(self, names: list[str]) -> _Plan:
         """How `_select_flat` treats each tensor of a bucket (fixed for the run: made once)."""
@@ -494,7 +503,7 @@ class DST:
         c = self._bucket_kept.get(names[0])
         if c is not None and c[0] == names and all(self.kept[n] is k for n, k in zip(names, c[1])):
             _, _, local, seed_vals, counts = c
-            return local + _offsets(plan, counts, len(local)), seed_vals
+            return local + _offsets(plan.first, counts, len(local)), seed_vals
         idx = torch.cat([self.kept[n].idx + a for n, a in zip(names, plan.starts)])
         return idx, torch.cat([self.kept[n].seed_vals for n in names])
 
@@ -622,8 +631,8 @@ class DST:
         seed[pos] = vals  # the seed, except the kept entries' new values
         _copy_all(params, [seed[a:b].view(p.shape) for a, b, p in zip(starts, starts[1:], params)])
         cuts = torch.searchsorted(pos, torch.tensor(starts, device=pos.device)).tolist()
-        first = torch.tensor(starts[:-1], device=pos.device)
-        local = pos - torch.repeat_interleave(first, torch.tensor(cuts, device=pos.device).diff(), output_size=len(pos))
+        counts = torch.tensor(cuts, device=pos.device).diff()
+        local = pos - _offsets(torch.tensor(starts[:-1], device=pos.device), counts, len(pos))
         for n, a, b in zip(names, cuts, cuts[1:]):
             self.kept[n] = _Kept(local[a:b], seed_vals[a:b])
             self._nonseed.pop(n, None)
@@ -729,17 +738,11 @@ class DST:
     def _cut_pool(self, pool: list[tuple[str, torch.Tensor]], K: int, keep: torch.Tensor | None = None) -> float:
         """Keep the pool's top-K (ties to the lower position), or the entries `keep` marks, reset
         the rest; return the K-th largest distance."""
-        all_d = torch.cat([v for _, v in pool])
-        chosen = top_indices(all_d, K) if keep is None else torch.nonzero(keep).view(-1)  # ascending
-        lens = [len(v) for _, v in pool]
-        starts = [0, *itertools.accumulate(lens)]
-        cuts = torch.searchsorted(chosen, torch.tensor(starts, device=chosen.device)).tolist()  # each tensor's share
-        for i, (name, vals) in enumerate(pool):
-            n = lens[i]
-            if cuts[i + 1] - cuts[i] == n:
+        shares, kth = _pool_cut([v for _, v in pool], K, keep)
+        for i, ((name, vals), mine) in enumerate(zip(pool, shares)):
+            if mine is None:
                 continue
-            mine = chosen[cuts[i]:cuts[i + 1]] - starts[i]  # this tensor lost some entries
-            kept = self.kept[name]
+            kept = self.kept[name]  # this tensor lost some entries
             flat = self.params[name].detach().view(-1)
             idx, seed_vals = kept.idx[mine], kept.seed_vals[mine]
             vals_now = flat[idx]
@@ -748,7 +751,7 @@ class DST:
             self.kept[name] = _Kept(idx, seed_vals)
             self._nonseed[name] = (bits_view(vals_now) != bits_view(seed_vals)).sum()
             pool[i] = (name, vals[mine])
-        return float(all_d[chosen].min()) if len(chosen) else 0.0
+        return kth
 
     # ---- resuming -------------------------------------------------------------------------------
 
