@@ -3,6 +3,10 @@
     python benchmarks/selection.py                  # silos of 1M, 16M and 64M at epsilon 1e-3
     python benchmarks/selection.py --sizes 256      # add a 256M silo (needs ~4 GB)
     python benchmarks/selection.py --device cuda --sizes 1 16 64 256 --epsilon 1e-6 1e-3 1e-1
+    python benchmarks/selection.py --sizes --rows 2048x512 8192x512 4096x4096 --epsilon 1e-2 1e-1
+
+With --rows, also row silos (a matrix of R rows of M entries, budget epsilon * M per row): dstcli's
+`rows_indices` (the kept positions) against torch.topk along the rows (the k-th values only).
 
 Times the exact k-th largest |delta| (k = epsilon * n) of a silo of N(0,1) distances, best of 3
 (best of 10 on a GPU, synchronized), and one read pass (d.sum()) for scale. dstcli's `top_indices` returns the kept positions themselves
@@ -17,7 +21,7 @@ import time
 
 import torch
 
-from dstcli.select import top_indices
+from dstcli.select import rows_indices, top_indices
 
 
 def best(fn, device: torch.device, reps: int = 3) -> tuple[float, torch.Tensor]:
@@ -35,15 +39,17 @@ def best(fn, device: torch.device, reps: int = 3) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 64], help="silo sizes in millions")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1, 16, 64], help="silo sizes in millions")
+    ap.add_argument("--rows", nargs="*", default=[], metavar="RxM", help="row silos: R rows of M entries, e.g. 8192x512")
     ap.add_argument("--epsilon", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     device = torch.device(args.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {where}, torch {torch.__version__}")
-    print("| silo | epsilon | k | read pass ms | dstcli ms | torch.topk ms | kthvalue ms | sort ms | topk / dstcli | dstcli / read |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    if args.sizes:
+        print("| silo | epsilon | k | read pass ms | dstcli ms | torch.topk ms | kthvalue ms | sort ms | topk / dstcli | dstcli / read |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for mil in args.sizes:
         n = mil << 20
         d = torch.randn(n, generator=torch.Generator().manual_seed(0)).abs_().to(device)
@@ -58,6 +64,20 @@ def main() -> None:
             print(f"| {mil}M | {eps:g} | {k:,} | {t_read * 1e3:.2f} | {t_fast * 1e3:.2f} | {t_topk * 1e3:.2f} | "
                   f"{t_kth * 1e3:.2f} | {t_sort * 1e3:.2f} | {t_topk / t_fast:.1f}x | {t_fast / t_read:.1f}x |", flush=True)
         d = None  # freed before the next size is allocated
+    if args.rows:
+        print("\n| rows | epsilon | k per row | dstcli ms | torch.topk ms | topk / dstcli |")
+        print("|---|---|---|---|---|---|")
+    for shape in args.rows:
+        R, M = (int(v) for v in shape.lower().split("x"))
+        d = torch.randn(R, M, generator=torch.Generator().manual_seed(0)).abs_().to(device)
+        for eps in args.epsilon:
+            k = max(1, int(eps * M))
+            t_fast, pos = best(lambda: rows_indices(d, k), device)
+            t_topk, kth = best(lambda: torch.topk(d, k, dim=1, sorted=False).values.min(1, keepdim=True).values, device)
+            want = torch.nonzero((d >= kth).view(-1)).view(-1)  # continuous values: no ties
+            assert torch.equal(pos.to(device), want), shape
+            print(f"| {R}x{M} | {eps:g} | {k:,} | {t_fast * 1e3:.2f} | {t_topk * 1e3:.2f} | {t_topk / t_fast:.1f}x |", flush=True)
+        d = None
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int | torch.Tensor:
         return int(np.count_nonzero(seen[a.numpy()]))
     seen = torch.zeros(n, dtype=torch.bool, device=a.device)
     seen[b] = True
-    return seen[a].sum()
+    return torch.count_nonzero(seen[a])
 
 
 def _total(counts: Iterable[int | torch.Tensor]) -> int:
@@ -398,8 +398,8 @@ class DST:
         names = plan.names
         for n in names:
             self._nonseed.pop(n, None)
-        self._nonseed[names[0]] = (bits_view(vals) != bits_view(seed_vals)).sum()
-        self._nonfinite[names[0]] = (~torch.isfinite(vals)).sum()  # vals are now the kept entries
+        self._nonseed[names[0]] = torch.count_nonzero(bits_view(vals) != bits_view(seed_vals))
+        self._nonfinite[names[0]] = torch.count_nonzero(~torch.isfinite(vals))  # vals are now the kept entries
         if cuts is None:
             return
         # each tensor's positions, as views of one tensor; the flat ones are not kept (8 bytes an
@@ -636,7 +636,7 @@ class DST:
         for n, a, b in zip(names, cuts, cuts[1:]):
             self.kept[n] = _Kept(local[a:b], seed_vals[a:b])
             self._nonseed.pop(n, None)
-        self._nonseed[names[0]] = (bits_view(vals) != bits_view(seed_vals)).sum()
+        self._nonseed[names[0]] = torch.count_nonzero(bits_view(vals) != bits_view(seed_vals))
 
     def _small_plan(self, names: tuple[str, ...], starts: list[int], device: torch.device):
         """For `_project_small`: each silo's positions in the concatenation as a row padded with
@@ -658,7 +658,7 @@ class DST:
         flat.copy_(seed.reshape(-1))
         flat[idx] = vals
         self.kept[name] = _Kept(idx, seed_vals)
-        self._nonseed[name] = (bits_view(vals) != bits_view(seed_vals)).sum()
+        self._nonseed[name] = torch.count_nonzero(bits_view(vals) != bits_view(seed_vals))
 
     def _select_tensor(self, name: str, seed: torch.Tensor) -> None:
         p = self.params[name].detach()
@@ -749,7 +749,7 @@ class DST:
             flat[kept.idx] = kept.seed_vals  # all back to the seed, then the survivors' values again
             flat[idx] = vals_now
             self.kept[name] = _Kept(idx, seed_vals)
-            self._nonseed[name] = (bits_view(vals_now) != bits_view(seed_vals)).sum()
+            self._nonseed[name] = torch.count_nonzero(bits_view(vals_now) != bits_view(seed_vals))
             pool[i] = (name, vals[mine])
         return kth
 
@@ -771,14 +771,14 @@ class DST:
                                "the training state is corrupt or from another model")
             self.kept[name] = _Kept(idx, flat[idx].clone())
             flat[idx] = vals
-            self._nonseed[name] = (bits_view(vals) != bits_view(self.kept[name].seed_vals)).sum()
+            self._nonseed[name] = torch.count_nonzero(bits_view(vals) != bits_view(self.kept[name].seed_vals))
         self.step_count = step_count
 
     def nonfinite(self) -> int:
         """How many kept entries are NaN or infinite (the optimizer diverged)."""
         if self.batched and self._nonfinite:  # counted bucket by bucket in the last step
             return _total(self._nonfinite.values())
-        return _total((~torch.isfinite(self.params[n].detach().reshape(-1)[k.idx])).sum()
+        return _total(torch.count_nonzero(~torch.isfinite(self.params[n].detach().reshape(-1)[k.idx]))
                       for n, k in self.kept.items() if len(k.idx))
 
     # ---- reading the state ------------------------------------------------------------------
