@@ -86,6 +86,7 @@ class TrainOptions:
     checkpoint_dir: str | None = None  # where the state goes; default OUTPUT.state
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     strategy: str = "none"  # ddp or fsdp under torchrun (dstcli.distributed)
+    bucket: int | None = None  # largest tensors' worth of entries per optimizer call (DST.buckets); None: its default
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -130,6 +131,8 @@ def _validate(o: TrainOptions) -> None:
                        "in one process to get resumable states")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise DstError(f"--lr {o.lr} must be a positive number")
+    if o.bucket is not None and o.bucket < 1:
+        raise DstError(f"--bucket must be at least 1 (largest tensors per bucket), got {o.bucket}")
 
 
 def _resolve_base(base: str | None) -> Path:
@@ -303,7 +306,7 @@ class Stopped(DstError):
 
 # options that change where things go, not what is trained: left out of the patch header so that
 # a resumed run and an uninterrupted one write the same bytes
-_NEUTRAL = {"output", "metrics", "overwrite", "save_every", "checkpoint_dir"}
+_NEUTRAL = {"output", "metrics", "overwrite", "save_every", "checkpoint_dir", "bucket"}
 
 
 def _changes(dst: DST, ckpt: Checkpoint, names: list[str], dd: Dist | None = None) -> list[Change] | None:
@@ -411,7 +414,7 @@ def train(o: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = No
                   shards={n: (tuple(named[n].shape), local[n][1]) for n in names}, gather=dd.gather)
     else:
         dst = DST([(n, named[n]) for n in names], **budget_args)
-    opts = _optimizers(o.optimizer, named, dst.buckets(), o.lr, o.weight_decay)
+    opts = _optimizers(o.optimizer, named, dst.buckets(tensors=o.bucket), o.lr, o.weight_decay)
 
     if o.steps is not None:
         steps = o.steps

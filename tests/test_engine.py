@@ -197,6 +197,22 @@ def test_global_pool_with_many_tensors_matches_reference(eps, ties, batched):
             p.data.copy_(w)
 
 
+def test_buckets_in_largest_tensors(monkeypatch):
+    """`tensors=N`: buckets of up to N times the largest tensor's entries (what `dstcli train
+    --bucket N` asks for), never below BUCKET_MIN; 0 is refused."""
+    import dstcli.engine as engine
+    m = torch.nn.Module()
+    for i, n in enumerate([30, 10, 10, 25, 40, 5]):
+        m.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(n)))
+    dst = DST(m.named_parameters(), epsilon=0.5, seed="none")
+    assert dst.buckets(tensors=1) == [[f"p{i}" for i in range(6)]]  # 40 entries < BUCKET_MIN: one bucket
+    monkeypatch.setattr(engine, "BUCKET_MIN", 1)
+    assert dst.buckets(tensors=1) == dst.buckets(limit=40) == dst.buckets() == [["p0", "p1"], ["p2", "p3"], ["p4"], ["p5"]]
+    assert dst.buckets(tensors=2) == [["p0", "p1", "p2", "p3"], ["p4", "p5"]]  # up to 80 entries
+    with pytest.raises(DstError, match="at least 1 tensor"):
+        dst.buckets(tensors=0)
+
+
 def test_buckets_and_shared_optimizers():
     """Buckets are consecutive, of one dtype, at most the limit (default: the largest tensor, at
     least BUCKET_MIN entries); an optimizer over parameters that are not consecutive, or of two

@@ -58,6 +58,7 @@ def test_resume_refuses_other_options_data_or_a_broken_state(tmp_path):
     with pytest.raises(DstError, match="--lr 0.5 differs from the resumed run's 0.01"):
         resume_options(state_dir, {"lr": 0.5})
     resume_options(state_dir, {"lr": 0.01, "output": str(tmp_path / "elsewhere.dst")})  # same value, new place: fine
+    assert resume_options(state_dir, {"bucket": 64}).bucket == 64  # buckets change speed, not the patch
     data.write_text(data.read_text() + json.dumps({"text": "more"}) + "\n")
     with pytest.raises(DstError, match="not the dataset the saved run trained on"):
         train(resume_options(state_dir), resume=state_dir)

@@ -75,6 +75,31 @@ def test_global_silo_batched_on_the_cpu_gives_the_per_tensor_patch(tmp_path, mon
     assert (tmp_path / "batched.dst").read_bytes() == (tmp_path / "per-tensor.dst").read_bytes()
 
 
+def test_bucket_option_changes_the_buckets_not_the_patch(tmp_path, monkeypatch):
+    """`dstcli train --bucket N` groups more tensors per optimizer call (one bucket for the whole
+    bundled model at 64) and writes the same bytes; it is left out of the patch header."""
+    import dstcli.train as T
+    from dstcli.engine import DST
+
+    sizes = []
+
+    class Spy(DST):
+        def buckets(self, *a, **kw):
+            out = super().buckets(*a, **kw)
+            sizes.append(len(out))
+            return out
+    monkeypatch.setattr(T, "DST", Spy)
+    args = ["train", "--steps", "4", "--batch-size", "4", "--epsilon", "0.01", "--seq-len", "48"]
+    for name, extra in (("default", []), ("one", ["--bucket", "64"])):
+        r = CliRunner().invoke(app, [*args, *extra, "-o", str(tmp_path / f"{name}.dst")])
+        assert r.exit_code == 0, r.output
+    assert sizes == [2, 1]
+    assert (tmp_path / "default.dst").read_bytes() == (tmp_path / "one.dst").read_bytes()
+    r = CliRunner().invoke(app, [*args, "--bucket", "0", "-o", str(tmp_path / "zero.dst")])
+    assert isinstance(r.exception, DstError) and "--bucket must be at least 1" in str(r.exception)
+    assert not (tmp_path / "zero.dst").exists()
+
+
 @pytest.mark.slow
 def test_same_seed_same_patch_bytes(tmp_path):
     for name in ("a", "b"):
