@@ -97,6 +97,12 @@ def _common(a: torch.Tensor, b: torch.Tensor, n: int) -> int | torch.Tensor:
     return torch.count_nonzero(seen[a])
 
 
+def _differ(vals: torch.Tensor, seed_vals: torch.Tensor) -> torch.Tensor:
+    """How many kept entries differ from their seed values bit for bit (0-dim: no wait on a GPU;
+    count_nonzero, since a bool sum copies the mask to int64 first)."""
+    return torch.count_nonzero(bits_view(vals) != bits_view(seed_vals))
+
+
 def _total(counts: Iterable[int | torch.Tensor]) -> int:
     """The sum of counts that are ints or 0-dim tensors, with one transfer per device."""
     out, by_device = 0, {}
@@ -398,7 +404,7 @@ class DST:
         names = plan.names
         for n in names:
             self._nonseed.pop(n, None)
-        self._nonseed[names[0]] = torch.count_nonzero(bits_view(vals) != bits_view(seed_vals))
+        self._nonseed[names[0]] = _differ(vals, seed_vals)
         self._nonfinite[names[0]] = torch.count_nonzero(~torch.isfinite(vals))  # vals are now the kept entries
         if cuts is None:
             return
@@ -641,7 +647,7 @@ class DST:
         for n, a, b in zip(names, cuts, cuts[1:]):
             self.kept[n] = _Kept(local[a:b], seed_vals[a:b])
             self._nonseed.pop(n, None)
-        self._nonseed[names[0]] = torch.count_nonzero(bits_view(vals) != bits_view(seed_vals))
+        self._nonseed[names[0]] = _differ(vals, seed_vals)
 
     def _small_plan(self, names: tuple[str, ...], starts: list[int], device: torch.device):
         """For `_project_small`: each silo's positions in the concatenation as a row padded with
@@ -663,7 +669,7 @@ class DST:
         flat.copy_(seed.reshape(-1))
         flat[idx] = vals
         self.kept[name] = _Kept(idx, seed_vals)
-        self._nonseed[name] = torch.count_nonzero(bits_view(vals) != bits_view(seed_vals))
+        self._nonseed[name] = _differ(vals, seed_vals)
 
     def _select_tensor(self, name: str, seed: torch.Tensor) -> None:
         p = self.params[name].detach()
@@ -754,7 +760,7 @@ class DST:
             flat[kept.idx] = kept.seed_vals  # all back to the seed, then the survivors' values again
             flat[idx] = vals_now
             self.kept[name] = _Kept(idx, seed_vals)
-            self._nonseed[name] = torch.count_nonzero(bits_view(vals_now) != bits_view(seed_vals))
+            self._nonseed[name] = _differ(vals_now, seed_vals)
             pool[i] = (name, vals[mine])
         return kth
 
@@ -776,7 +782,7 @@ class DST:
                                "the training state is corrupt or from another model")
             self.kept[name] = _Kept(idx, flat[idx].clone())
             flat[idx] = vals
-            self._nonseed[name] = torch.count_nonzero(bits_view(vals) != bits_view(self.kept[name].seed_vals))
+            self._nonseed[name] = _differ(vals, self.kept[name].seed_vals)
         self.step_count = step_count
 
     def nonfinite(self) -> int:

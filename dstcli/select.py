@@ -215,9 +215,9 @@ def rows_indices(d: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
 def _rows_top(d: torch.Tensor, k: torch.Tensor, kk: int) -> torch.Tensor:
     """rows_indices with one budget kk for every row, by torch.topk along the rows."""
     vals, idx = torch.topk(d, kk, dim=1, sorted=False)
-    tau = vals.min(1, keepdim=True).values
-    if not _rows_exact(d.numpy() >= tau.numpy(), tau.numpy(), kk * d.shape[0]):
-        return _rows_settle_numpy(d.numpy(), k.numpy(), tau.numpy())
+    a, tau = d.numpy(), vals.min(1, keepdim=True).values.numpy()
+    if not _rows_exact(a >= tau, tau, kk * d.shape[0]):
+        return _rows_settle_numpy(a, k.numpy(), tau)
     pos = np.sort(idx.numpy(), axis=1)
     pos += np.arange(0, d.shape[0] * d.shape[1], d.shape[1], dtype=np.int64)[:, None]
     return torch.from_numpy(pos.reshape(-1))

@@ -304,8 +304,8 @@ class Stopped(DstError):
     """The run was stopped by Ctrl-C or SIGTERM after saving its state (not a failure)."""
 
 
-# options that change where things go, not what is trained: left out of the patch header so that
-# a resumed run and an uninterrupted one write the same bytes
+# options that change where things go or how fast, not what is trained: left out of the patch
+# header so that a resumed run and an uninterrupted one write the same bytes
 _NEUTRAL = {"output", "metrics", "overwrite", "save_every", "checkpoint_dir", "bucket"}
 
 
