@@ -45,11 +45,12 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from dstcli import kernels
 from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
 from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, positions_above, rows_indices, rows_keep, segments_keep,
-                           top_indices)
+                           top_indices, top_positions)
 from dstcli.silos import allocate, budget_total, silo_rows
 
 
@@ -664,19 +665,26 @@ class DST:
     def _reset_outside(self, name: str, seed: torch.Tensor, idx: torch.Tensor) -> None:
         """Set the parameter to `seed` except at positions idx, which become its kept set."""
         flat = self.params[name].detach().view(-1)
-        vals = flat[idx]
-        seed_vals = seed.reshape(-1)[idx]
-        flat.copy_(seed.reshape(-1))
-        flat[idx] = vals
+        if kernels.serves(flat, seed):
+            vals, seed_vals = kernels.reset(flat, seed.view(-1), idx)
+        else:
+            vals = flat[idx]
+            seed_vals = seed.reshape(-1)[idx]
+            flat.copy_(seed.reshape(-1))
+            flat[idx] = vals
         self.kept[name] = _Kept(idx, seed_vals)
         self._nonseed[name] = _differ(vals, seed_vals)
 
     def _select_tensor(self, name: str, seed: torch.Tensor) -> None:
         p = self.params[name].detach()
-        d = distance(p, seed, self.distance)
         rows = silo_rows(self.shapes[name], self.silo)
+        k = int(self.alloc[name][0])
+        idx = top_positions(p, seed, k, self.distance) if rows == 1 and self.gather is None else None
+        if idx is not None:  # fused on the CPU, no distance tensor
+            self._reset_outside(name, seed, idx)
+            return
+        d = distance(p, seed, self.distance)
         if rows == 1:
-            k = int(self.alloc[name][0])
             idx = top_indices(d.view(-1), k)
             if self.gather is not None:  # the silo spans processes: agree on its top-k
                 idx = self._agree(d.view(-1)[idx], idx, self.shards[name][1], k, p.numel())
@@ -714,15 +722,7 @@ class DST:
         for name in self.params:
             p = self.params[name].detach()
             seed = seed_of(name)
-            d = distance(p, seed, self.distance).view(-1)
-            idx = positions_above(d, floor, strict=True) if floor is not None else None
-            if idx is None or len(idx) > K:
-                idx = top_indices(d, K)
-            vals = d[idx]
-            del d
-            if floor is not None:
-                above = vals > floor
-                idx, vals = idx[above], vals[above]
+            idx, vals = self._global_share(p, seed, floor, K)
             self._reset_outside(name, seed, idx)
             pool.append((name, vals.to(wide)))
             size += len(idx)
@@ -732,6 +732,32 @@ class DST:
             self._cut_pool(pool, K)
         if self.gather is not None:  # each process now holds its own top-K: agree on the global one
             self._cut_pool(pool, K, self._global_keep(pool, K))
+
+    def _global_share(self, p: torch.Tensor, seed: torch.Tensor, floor: float | None, K: int):
+        """A tensor's entries that can still be in the global top-K: its own top-K, of those only
+        the ones above the pool's floor (if any); ascending positions and their distances."""
+        m = p.numel()
+        if kernels.serves(p, seed):  # fused on the CPU: no distance tensor
+            if floor is not None or K >= m:  # all above the floor (or above 0), if at most K are
+                got = kernels.candidates(p.view(-1), seed.view(-1), self.distance, floor or 0.0, True, K)
+                if got is not None:
+                    return got
+            idx = top_positions(p, seed, K, self.distance)
+            if idx is not None:
+                vals = distance(p.view(-1)[idx], seed.view(-1)[idx], self.distance)
+                if floor is not None:
+                    above = vals > floor
+                    idx, vals = idx[above], vals[above]
+                return idx, vals
+        d = distance(p, seed, self.distance).view(-1)
+        idx = positions_above(d, floor, strict=True) if floor is not None else None
+        if idx is None or len(idx) > K:
+            idx = top_indices(d, K)
+        vals = d[idx]
+        if floor is not None:
+            above = vals > floor
+            idx, vals = idx[above], vals[above]
+        return idx, vals
 
     def _global_keep(self, pool: list[tuple[str, torch.Tensor]], K: int) -> torch.Tensor:
         """Which local pool entries are in the top-K over all processes, by (distance, position

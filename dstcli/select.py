@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dstcli import kernels
 from dstcli.errors import DstError
 
 RELATIVE_DELTA = 1e-8  # keeps `relative` finite where the seed value is exactly 0
@@ -23,6 +24,10 @@ def distance(x: torch.Tensor, x0: torch.Tensor, kind: str = "absolute") -> torch
     - relative:         |x - x0| / (|x0| + 1e-8)
     - inverse-relative: |x - x0| * |x0|
     """
+    if kind not in DISTANCES:
+        raise DstError(f"unknown distance {kind!r}: choose one of {', '.join(DISTANCES)}")
+    if x.dtype == torch.bfloat16 and kernels.serves(x, x0):  # one pass, not five: 3x torch's here
+        return kernels.distance(x, x0, kind)
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     x0w = x0.to(wide)  # may be x0 itself: never modify it in place
     d = (x.to(wide) - x0w).abs_()
@@ -30,8 +35,6 @@ def distance(x: torch.Tensor, x0: torch.Tensor, kind: str = "absolute") -> torch
         d = d.div_(x0w.abs().add_(RELATIVE_DELTA))
     elif kind == "inverse-relative":
         d = d.mul_(x0w.abs())
-    elif kind != "absolute":
-        raise DstError(f"unknown distance {kind!r}: choose one of {', '.join(DISTANCES)}")
     return d.nan_to_num_(nan=float("inf"), posinf=float("inf"))
 
 
@@ -55,11 +58,13 @@ def positions_above(flat: torch.Tensor, lo: torch.Tensor | float, *, strict: boo
     return torch.nonzero(flat > lo if strict else flat >= lo).reshape(-1)
 
 
-def sample_bracket(m: int, k: int) -> tuple[int, int, int]:
+def sample_bracket(m: int, k: int, size: int | None = None) -> tuple[int, int, int]:
     """For the k-th largest of m values: the stride of the sample (odd: no aliasing with
     power-of-2 rows) and the ranks j_lo, j_hi in the sample whose values bracket it about 4
-    sigma each side (j_hi < 1: no upper end)."""
-    stride = max(16, m // max(4096, min(_SAMPLE, m // 64))) | 1
+    sigma each side (j_hi < 1: no upper end). The sample has about `size` values (default 1 in
+    64, at least 4,096 and at most 65,536)."""
+    size = size or max(4096, min(_SAMPLE, m // 64))
+    stride = max(16, m // size) | 1
     s = -(-m // stride)
     expect = k / m * s  # how many sample values should lie above the k-th largest
     margin = 4 * (expect * (1 - k / m)) ** 0.5 + 8
@@ -110,6 +115,38 @@ def top_indices(flat: torch.Tensor, k: int, *, numpy: bool | None = None) -> tor
     tau = torch.topk(flat, k, sorted=False).values.min()  # the sample was fooled: rank everything
     cand = torch.nonzero(flat >= tau).reshape(-1)
     return cand[_settle_mask(flat[cand], tau, k)]
+
+
+def top_positions(x: torch.Tensor, x0: torch.Tensor, k: int, kind: str = "absolute") -> torch.Tensor | None:
+    """top_indices(distance(x, x0, kind).view(-1), k), fused on the CPU by dstcli.kernels: the
+    sample's distances bracket the k-th largest as in top_indices, one pass computes the distances
+    and collects the entries at or above the bracket's low end (no distance tensor is made), and
+    only those inside the bracket are ranked. None where the kernels do not serve (another device
+    or dtype, no compiler, a silo under SAMPLED_MIN entries or a budget of 0 or all of it) or where
+    the sample misled: the caller then takes the torch path, which gives the same positions."""
+    m = x.numel()
+    k = min(int(k), m)
+    if not 0 < k < m or m < SAMPLED_MIN or not kernels.serves(x, x0):
+        return None
+    flat, flat0 = x.view(-1), x0.view(-1)
+    # a strided sample misses the cache at every value: 1 in 256 here (4,096 to 65,536 values);
+    # the wider bracket costs a larger partition, far less than the misses it saves
+    stride, j_lo, j_hi = sample_bracket(m, k, max(4096, min(_SAMPLE, m // 256)))
+    sample = kernels.sample(flat, flat0, kind, stride)  # the bracket: its j_lo-th and j_hi-th largest
+    s = len(sample)
+    sample.partition([s - j_lo, s - max(j_hi, 1)])
+    lo, hi = float(sample[s - j_lo]), (float(sample[s - j_hi]) if j_hi >= 1 else float("inf"))
+    got = kernels.candidates(flat, flat0, kind, lo, False, 2 * j_lo * stride + 4096)
+    if got is None or len(got[0]) < k:
+        return None
+    pos, val = got
+    inside, n_above = kernels.split(val, hi)
+    if n_above >= k:
+        return None
+    j = len(inside) - (k - n_above)  # tau: the (k - n_above)-th largest inside the bracket
+    tau = np.partition(inside, j)[j]
+    need = k - n_above - int(np.count_nonzero(inside > tau))  # ties at tau that still fit
+    return kernels.keep(pos, val, float(tau), need)[0]
 
 
 def _bracketed_numpy(a: np.ndarray, cand: np.ndarray, k: int, hi: float | None) -> np.ndarray | None:

@@ -1,0 +1,275 @@
+/* dstcli's CPU kernels (see kernels.py, which builds this file on first use and calls it through
+ * ctypes). Each fuses passes that torch makes separately over a tensor of n entries; all of them
+ * give bit for bit what select.py and engine.py compute with torch and NumPy:
+ *
+ *   dst_cand_*    distance(x, x0) (select.distance: float32, float64 for float64 tensors; NaN
+ *                 counts as +inf) and the ascending positions, with their distances, of the entries
+ *                 at or above lo (above, if strict), without a distance tensor
+ *   dst_distance_* the same distances for every entry, into a tensor
+ *   dst_sample_*  the same distances at every stride-th position only
+ *   dst_split_*   candidates' distances above hi counted, the others copied out (the bracket)
+ *   dst_keep_*    the kept candidates: above tau, then ties at tau from the lowest position while
+ *                 `need` lasts, never a distance <= 0 (select.py's tie rule)
+ *   dst_reset_*   x back to x0 except at ascending positions idx; the values there before (of x
+ *                 and of x0) copied out. Moves bits: NaN payloads survive.
+ *   dst_common    how many positions two ascending position arrays share
+ *
+ * Compiled with -ffp-contract=off: no fused multiply-adds, so the arithmetic rounds as torch's.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { ABSOLUTE = 0, RELATIVE = 1, INVERSE_RELATIVE = 2 };
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float dist_f(float x, float x0, int kind) {
+    float d = fabsf(x - x0);
+    if (kind == RELATIVE) d = d / (fabsf(x0) + 1e-8f);
+    else if (kind == INVERSE_RELATIVE) d = d * fabsf(x0);
+    return d != d ? INFINITY : d;
+}
+
+static inline double dist_d(double x, double x0, int kind) {
+    double d = fabs(x - x0);
+    if (kind == RELATIVE) d = d / (fabs(x0) + 1e-8);
+    else if (kind == INVERSE_RELATIVE) d = d * fabs(x0);
+    return d != d ? INFINITY : d;
+}
+
+/* The scalar tail (and the whole loop without AVX-512), branch-free: every entry is written at
+ * slot c, which only moves on when it is a candidate. Returns cap + 1 once more than cap are found;
+ * pos and val have room for cap + 16. */
+#define SCALAR_CAND(LOAD, DIST)                                                              \
+    for (; i < n; i++) {                                                                     \
+        D d = DIST(LOAD(x[i]), LOAD(x0[i]), kind);                                           \
+        pos[c] = i;                                                                          \
+        val[c] = d;                                                                          \
+        c += strict ? d > lo : d >= lo;                                                      \
+        if (c > cap) return cap + 1;                                                         \
+    }                                                                                        \
+    return c;
+
+#define AS_IS(v) (v)
+#define AS_BF16(v) bf16_to_f32(v)
+
+#ifdef __AVX512F__
+static inline __m512 dist_v16(__m512 a, __m512 b, int kind) {
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    __m512 d = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(a, b)), absmask));
+    if (kind != ABSOLUTE) {
+        __m512 b_abs = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(b), absmask));
+        d = kind == RELATIVE ? _mm512_div_ps(d, _mm512_add_ps(b_abs, _mm512_set1_ps(1e-8f)))
+                             : _mm512_mul_ps(d, b_abs);
+    }
+    return _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q), _mm512_set1_ps(INFINITY));
+}
+
+/* 16 distances d at positions i.. : the candidates' distances and positions packed at slot c
+ * (compressed in registers, then stored whole: compress-to-memory is slow on some CPUs). */
+static inline int64_t pack16(__m512 d, __mmask16 m, int64_t i, int64_t c, int64_t *pos, float *val) {
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i p0 = _mm512_add_epi64(_mm512_set1_epi64(i), lanes);
+    __m512i p1 = _mm512_add_epi64(p0, _mm512_set1_epi64(8));
+    __mmask8 m0 = (__mmask8)m, m1 = (__mmask8)(m >> 8);
+    _mm512_storeu_ps(val + c, _mm512_maskz_compress_ps(m, d));
+    _mm512_storeu_si512((void *)(pos + c), _mm512_maskz_compress_epi64(m0, p0));
+    _mm512_storeu_si512((void *)(pos + c + __builtin_popcount(m0)), _mm512_maskz_compress_epi64(m1, p1));
+    return c + __builtin_popcount(m);
+}
+#endif
+
+int64_t dst_cand_f32(const float *x, const float *x0, int64_t n, int kind, float lo, int strict,
+                     int64_t *pos, float *val, int64_t cap) {
+    typedef float D;
+    int64_t c = 0, i = 0;
+#ifdef __AVX512F__
+    const __m512 vlo = _mm512_set1_ps(lo);
+    for (; i + 16 <= n && c + 16 <= cap; i += 16) {
+        __m512 d = dist_v16(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x0 + i), kind);
+        __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ);
+        if (m) c = pack16(d, m, i, c, pos, val);
+    }
+#endif
+    SCALAR_CAND(AS_IS, dist_f)
+}
+
+int64_t dst_cand_bf16(const uint16_t *x, const uint16_t *x0, int64_t n, int kind, float lo, int strict,
+                      int64_t *pos, float *val, int64_t cap) {
+    typedef float D;
+    int64_t c = 0, i = 0;
+#ifdef __AVX512F__
+    const __m512 vlo = _mm512_set1_ps(lo);
+    for (; i + 16 <= n && c + 16 <= cap; i += 16) {
+        __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
+        __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x0 + i))), 16));
+        __m512 d = dist_v16(a, b, kind);
+        __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ);
+        if (m) c = pack16(d, m, i, c, pos, val);
+    }
+#endif
+    SCALAR_CAND(AS_BF16, dist_f)
+}
+
+int64_t dst_cand_f64(const double *x, const double *x0, int64_t n, int kind, double lo, int strict,
+                     int64_t *pos, double *val, int64_t cap) {
+    typedef double D;
+    int64_t c = 0, i = 0;
+#ifdef __AVX512F__
+    const __m512d vlo = _mm512_set1_pd(lo);
+    const __m512i absmask = _mm512_set1_epi64(0x7fffffffffffffffLL);
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    for (; i + 8 <= n && c + 16 <= cap; i += 8) {
+        __m512d a = _mm512_loadu_pd(x + i), b = _mm512_loadu_pd(x0 + i);
+        __m512d d = _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(_mm512_sub_pd(a, b)), absmask));
+        if (kind != ABSOLUTE) {
+            __m512d b_abs = _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(b), absmask));
+            d = kind == RELATIVE ? _mm512_div_pd(d, _mm512_add_pd(b_abs, _mm512_set1_pd(1e-8)))
+                                 : _mm512_mul_pd(d, b_abs);
+        }
+        d = _mm512_mask_mov_pd(d, _mm512_cmp_pd_mask(d, d, _CMP_UNORD_Q), _mm512_set1_pd(INFINITY));
+        __mmask8 m = strict ? _mm512_cmp_pd_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_pd_mask(d, vlo, _CMP_GE_OQ);
+        if (!m) continue;
+        _mm512_storeu_pd(val + c, _mm512_maskz_compress_pd(m, d));
+        _mm512_storeu_si512((void *)(pos + c),
+                            _mm512_maskz_compress_epi64(m, _mm512_add_epi64(_mm512_set1_epi64(i), lanes)));
+        c += __builtin_popcount(m);
+    }
+#endif
+    SCALAR_CAND(AS_IS, dist_d)
+}
+
+/* distance(x, x0) into out (float32, float64 for float64): one pass instead of torch's three to
+ * five (widening copies for bfloat16, subtract, abs, the NaN rule) */
+#define DISTANCE(SUF, T, D, LOAD, DIST)                                                      \
+    void dst_distance_##SUF(const T *x, const T *x0, int64_t n, int kind, D *out) {          \
+        for (int64_t i = 0; i < n; i++) out[i] = DIST(LOAD(x[i]), LOAD(x0[i]), kind);        \
+    }
+
+DISTANCE(f32, float, float, AS_IS, dist_f)
+DISTANCE(bf16, uint16_t, float, AS_BF16, dist_f)
+DISTANCE(f64, double, double, AS_IS, dist_d)
+
+/* distance(x, x0) at positions 0, stride, 2 * stride, ... (a sample for the bracket) */
+#define SAMPLE(SUF, T, D, LOAD, DIST)                                                        \
+    void dst_sample_##SUF(const T *x, const T *x0, int64_t n, int64_t stride, int kind, D *out) { \
+        int64_t ahead = 16 * stride; /* strided reads miss the cache: keep 16 in flight */     \
+        for (int64_t i = 0, j = 0; i < n; i += stride, j++) {                                \
+            if (i + ahead < n) {                                                             \
+                __builtin_prefetch(x + i + ahead);                                           \
+                __builtin_prefetch(x0 + i + ahead);                                          \
+            }                                                                                \
+            out[j] = DIST(LOAD(x[i]), LOAD(x0[i]), kind);                                    \
+        }                                                                                    \
+    }
+
+SAMPLE(f32, float, float, AS_IS, dist_f)
+SAMPLE(bf16, uint16_t, float, AS_BF16, dist_f)
+SAMPLE(f64, double, double, AS_IS, dist_d)
+
+#define SPLIT_KEEP(SUF, D, FAST_SPLIT, FAST_KEEP)                                           \
+    int64_t dst_split_##SUF(const D *val, int64_t c, D hi, D *inside) {                      \
+        int64_t m = 0, j = 0;                                                                \
+        FAST_SPLIT                                                                           \
+        for (; j < c; j++) {                                                                 \
+            inside[m] = val[j];                                                              \
+            m += !(val[j] > hi);                                                             \
+        }                                                                                    \
+        return m;                                                                            \
+    }                                                                                        \
+    int64_t dst_keep_##SUF(const int64_t *pos, const D *val, int64_t c, D tau, int64_t need, \
+                           int64_t *kpos, D *kval) {                                         \
+        int64_t k = 0, j = 0;                                                                \
+        FAST_KEEP                                                                            \
+        for (; j < c; j++) {                                                                 \
+            D v = val[j];                                                                    \
+            int eq = v == tau;                                                               \
+            int keep = ((v > tau) | (eq & (need > 0))) & (v > 0);                            \
+            need -= eq & keep;                                                               \
+            kpos[k] = pos[j];                                                                \
+            if (kval) kval[k] = v;                                                           \
+            k += keep;                                                                       \
+        }                                                                                    \
+        return k;                                                                            \
+    }
+
+#ifdef __AVX512F__
+/* 16 at a time; a block holding a tie at tau goes through the scalar loop's logic entry by entry */
+#define FAST_SPLIT_F32                                                                       \
+    for (; j + 16 <= c; j += 16) {                                                           \
+        __m512 v = _mm512_loadu_ps(val + j);                                                 \
+        __mmask16 in = ~_mm512_cmp_ps_mask(v, _mm512_set1_ps(hi), _CMP_GT_OQ);               \
+        _mm512_storeu_ps(inside + m, _mm512_maskz_compress_ps(in, v));                       \
+        m += __builtin_popcount(in);                                                         \
+    }
+#define FAST_KEEP_F32                                                                        \
+    for (; j + 16 <= c; j += 16) {                                                           \
+        __m512 v = _mm512_loadu_ps(val + j);                                                 \
+        if (_mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_EQ_OQ)) {                        \
+            for (int64_t e = j + 16; j < e; j++) {                                           \
+                float w = val[j];                                                              \
+                int eq = w == tau;                                                           \
+                int keep = ((w > tau) | (eq & (need > 0))) & (w > 0);                        \
+                need -= eq & keep;                                                           \
+                kpos[k] = pos[j];                                                            \
+                if (kval) kval[k] = w;                                                       \
+                k += keep;                                                                   \
+            }                                                                                \
+            j -= 16;                                                                         \
+            continue;                                                                        \
+        }                                                                                    \
+        __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_GT_OQ)                 \
+                      & _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);              \
+        __mmask8 m0 = (__mmask8)m, m1 = (__mmask8)(m >> 8);                                  \
+        _mm512_storeu_si512((void *)(kpos + k), _mm512_maskz_compress_epi64(m0,               \
+                            _mm512_loadu_si512((const void *)(pos + j))));                   \
+        _mm512_storeu_si512((void *)(kpos + k + __builtin_popcount(m0)),                     \
+                            _mm512_maskz_compress_epi64(m1, _mm512_loadu_si512((const void *)(pos + j + 8)))); \
+        if (kval) _mm512_storeu_ps(kval + k, _mm512_maskz_compress_ps(m, v));                \
+        k += __builtin_popcount(m);                                                          \
+    }
+#else
+#define FAST_SPLIT_F32
+#define FAST_KEEP_F32
+#endif
+
+SPLIT_KEEP(f32, float, FAST_SPLIT_F32, FAST_KEEP_F32)
+SPLIT_KEEP(f64, double, , )
+
+#define RESET(BITS)                                                                          \
+    void dst_reset_##BITS(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n,            \
+                          const int64_t *idx, int64_t k, uint##BITS##_t *kx,                 \
+                          uint##BITS##_t *kx0) {                                             \
+        for (int64_t j = 0; j < k; j++) {                                                    \
+            kx[j] = x[idx[j]];                                                               \
+            kx0[j] = x0[idx[j]];                                                             \
+        }                                                                                    \
+        memcpy(x, x0, (size_t)n * sizeof(*x));                                               \
+        for (int64_t j = 0; j < k; j++) x[idx[j]] = kx[j];                                   \
+    }
+
+RESET(16)
+RESET(32)
+RESET(64)
+
+int64_t dst_common(const int64_t *a, int64_t na, const int64_t *b, int64_t nb) {
+    int64_t i = 0, j = 0, both = 0;
+    while (i < na && j < nb) {
+        int64_t u = a[i], v = b[j];
+        both += u == v;
+        i += u <= v;
+        j += v <= u;
+    }
+    return both;
+}

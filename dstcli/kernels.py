@@ -1,0 +1,209 @@
+"""Compiled CPU kernels for the DST step (kernels.c), built on first use, with a torch fallback.
+
+On the CPU the projection is bound by passes over memory: torch computes the distances, then
+compares, gathers and copies, each a pass of its own. kernels.c fuses them (distances and the
+candidates above a threshold in one pass, without a distance tensor; the kept set and the reset in
+another) and gives the same bits. select.py and engine.py call them where they serve (a CPU tensor
+of float32, bfloat16 or float64, laid out contiguously) and take their torch paths otherwise.
+
+The first call compiles kernels.c with the machine's C compiler (`$CC`, else `cc`; -O3
+-march=native) into dstcli's cache folder (`$DSTCLI_CACHE`, else `$XDG_CACHE_HOME/dstcli`, else
+~/.cache/dstcli), named by a hash of the source, the flags, the compiler and the CPU, so later
+processes load it in a millisecond. Without a compiler, or with DSTCLI_KERNELS=0, `lib()` is None
+and `why()` says why; results are the same, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC"]
+KINDS = {"absolute": 0, "relative": 1, "inverse-relative": 2}
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float64: "f64"}
+_WIDE = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float64: torch.float64}
+_BITS = {2: "16", 4: "32", 8: "64"}
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded CDLL or None, "why": the reason it is None
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("DSTCLI_CACHE"):
+        return Path(os.environ["DSTCLI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dstcli"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags (Linux), else the platform."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compile(cc: str, out: Path) -> str | None:
+    """Build kernels.c at `out` (written beside it, then renamed); None, or why it failed."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    errors = []
+    for extra in (["-march=native"], []):  # -march=native: AVX-512 where the CPU has it
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *extra, version, _cpu_id()]).encode())
+        target = out / f"kernels-{key.hexdigest()[:16]}{'.dll' if os.name == 'nt' else '.so'}"
+        if target.exists():
+            _state["path"] = target
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=target.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                               text=True, timeout=300)
+            if r.returncode == 0:
+                os.replace(tmp, target)  # another process may have done the same: either copy is whole
+                _state["path"] = target
+                return None
+            errors.append(r.stderr.strip().splitlines()[-1:] or [f"exit {r.returncode}"])
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return f"{cc} failed: {errors[-1][0]}"
+
+
+def _load() -> None:
+    if os.environ.get("DSTCLI_KERNELS", "1") == "0":
+        _state.update(lib=None, why="DSTCLI_KERNELS=0")
+        return
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        _state.update(lib=None, why=f"no C compiler ({cc!r} not found; set CC)")
+        return
+    try:
+        why = _compile(cc, _cache_dir())
+        if why is not None and not os.environ.get("DSTCLI_CACHE"):  # an unwritable home: a private folder
+            why = _compile(cc, Path(tempfile.gettempdir()) / f"dstcli-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    except (OSError, subprocess.SubprocessError) as e:
+        why = f"could not build the kernels: {e}"
+    if why is not None:
+        _state.update(lib=None, why=why)
+        return
+    lib = ctypes.CDLL(str(_state["path"]))
+    P, I, F, D, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
+    for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
+        f = getattr(lib, f"dst_cand_{suf}")
+        f.restype, f.argtypes = I, [P, P, I, C, real, C, P, P, I]
+        f = getattr(lib, f"dst_distance_{suf}")
+        f.restype, f.argtypes = None, [P, P, I, C, P]
+        f = getattr(lib, f"dst_sample_{suf}")
+        f.restype, f.argtypes = None, [P, P, I, I, C, P]
+    for suf, real in (("f32", F), ("f64", D)):
+        f = getattr(lib, f"dst_split_{suf}")
+        f.restype, f.argtypes = I, [P, I, real, P]
+        f = getattr(lib, f"dst_keep_{suf}")
+        f.restype, f.argtypes = I, [P, P, I, real, I, P, P]
+    for bits in _BITS.values():
+        f = getattr(lib, f"dst_reset_{bits}")
+        f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
+    lib.dst_common.restype, lib.dst_common.argtypes = I, [P, I, P, I]
+    _state.update(lib=lib, why=None)
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on the first call; None where they cannot be had."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _load()
+    return _state["lib"]
+
+
+def why() -> str | None:
+    """Why `lib()` is None (None when the kernels are loaded)."""
+    lib()
+    return _state["why"]
+
+
+def serves(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: contiguous, on the CPU, one dtype they know."""
+    t = tensors[0]
+    return (t.dtype in _SUFFIX and all(u.device.type == "cpu" and u.dtype == t.dtype and u.is_contiguous()
+                                       for u in tensors) and lib() is not None)
+
+
+def distance(x: torch.Tensor, x0: torch.Tensor, kind: str) -> torch.Tensor:
+    """select.distance(x, x0, kind) in one pass (x and x0: `serves`)."""
+    out = torch.empty(x.shape, dtype=_WIDE[x.dtype])
+    getattr(_state["lib"], f"dst_distance_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), x0.data_ptr(), x.numel(), KINDS[kind], out.data_ptr())
+    return out
+
+
+def sample(x: torch.Tensor, x0: torch.Tensor, kind: str, stride: int) -> np.ndarray:
+    """distance(x, x0, kind) at every stride-th position (x and x0: `serves`)."""
+    out = np.empty(-(-x.numel() // stride), dtype=np.float64 if x.dtype == torch.float64 else np.float32)
+    getattr(_state["lib"], f"dst_sample_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), x0.data_ptr(), x.numel(), stride, KINDS[kind], out.ctypes.data)
+    return out
+
+
+def candidates(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float, strict: bool,
+               cap: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Ascending positions of the entries whose distance(x, x0, kind) is >= lo (> lo if strict),
+    and those distances, in one pass; None when more than `cap` are (nothing else is done then).
+    x and x0: `serves`."""
+    cap = max(0, min(int(cap), x.numel()))
+    pos = torch.empty(cap + 16, dtype=torch.long)
+    val = torch.empty(cap + 16, dtype=_WIDE[x.dtype])
+    c = getattr(_state["lib"], f"dst_cand_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), x0.data_ptr(), x.numel(), KINDS[kind], lo, int(strict), pos.data_ptr(), val.data_ptr(), cap)
+    if c > cap:
+        return None
+    return pos[:c], val[:c]
+
+
+def split(val: torch.Tensor, hi: float) -> tuple[np.ndarray, int]:
+    """Distances (float32 or float64) not above hi, copied out, and how many are above it."""
+    inside = torch.empty_like(val)
+    m = getattr(_state["lib"], f"dst_split_{_SUFFIX[val.dtype]}")(val.data_ptr(), len(val), hi, inside.data_ptr())
+    return inside[:m].numpy(), len(val) - m
+
+
+def keep(pos: torch.Tensor, val: torch.Tensor, tau: float, need: int,
+         values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Of candidates (ascending positions, their distances) whose k-th largest distance is tau,
+    the kept ones: all above tau, then ties at tau from the lowest position while `need` lasts,
+    never a distance <= 0. Returns new tensors of their positions and (if `values`) distances."""
+    kpos = torch.empty_like(pos)
+    kval = torch.empty_like(val) if values else None
+    k = getattr(_state["lib"], f"dst_keep_{_SUFFIX[val.dtype]}")(
+        pos.data_ptr(), val.data_ptr(), len(pos), tau, need, kpos.data_ptr(), kval.data_ptr() if values else None)
+    return kpos[:k].clone(), (kval[:k].clone() if values else None)
+
+
+def reset(x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set x to x0 except at the ascending positions idx; return x's and x0's values there (as
+    they were). Bits are moved, not computed. x and x0: `serves`, flat."""
+    kx, kx0 = torch.empty(len(idx), dtype=x.dtype), torch.empty(len(idx), dtype=x.dtype)
+    idx = idx.contiguous()
+    getattr(_state["lib"], f"dst_reset_{_BITS[x.element_size()]}")(
+        x.data_ptr(), x0.data_ptr(), x.numel(), idx.data_ptr(), len(idx), kx.data_ptr(), kx0.data_ptr())
+    return kx, kx0
+
+
+def common(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many positions two ascending int64 CPU tensors share."""
+    a, b = a.contiguous(), b.contiguous()
+    return int(_state["lib"].dst_common(a.data_ptr(), len(a), b.data_ptr(), len(b)))

@@ -1,0 +1,164 @@
+"""The compiled CPU kernels (dstcli/kernels.c): the same bits as the torch paths they replace,
+the torch fallback when they cannot be built, and the engine exact either way."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dstcli import kernels
+from dstcli.engine import DST
+from dstcli.select import DISTANCES, distance, sample_bracket, top_indices, top_positions
+
+pytestmark = pytest.mark.skipif(kernels.lib() is None, reason=f"no CPU kernels here: {kernels.why()}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def pair(m: int, dtype: torch.dtype, kind: str, seed: int):
+    """A seed x0 and an update x of m entries; kind adds what the tie rule and the NaN rule meet."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(m, generator=g, dtype=torch.float64)
+    x = x0 + torch.randn(m, generator=g, dtype=torch.float64) * 1e-2
+    if kind == "ties":  # a few distinct distances: every threshold is a tie
+        x = x0 + torch.randint(-3, 4, (m,), generator=g).double() * 0.25
+    elif kind == "special":  # unchanged entries, zero seeds, NaN and infinite updates
+        x[::7] = x0[::7]
+        x0[5::1000] = 0
+        x[11::5000] = float("nan")
+        x[13::7000] = float("inf")
+    elif kind == "fool":  # the sample sees only small distances: it misleads
+        x = x0 + 1.0
+        x[::sample_bracket(m, 1, max(4096, m // 256))[0]] = x0[::sample_bracket(m, 1, max(4096, m // 256))[0]] + 0.5
+    return x.to(dtype), x0.to(dtype)
+
+
+@given(st.integers(8192, 60_000), st.floats(1e-5, 0.999), st.sampled_from(DTYPES), st.sampled_from(DISTANCES),
+       st.sampled_from(["rand", "ties", "special", "fool"]), st.integers(0, 10_000))
+@settings(max_examples=120, deadline=None)
+def test_top_positions_is_top_indices_of_the_distances(m, frac, dtype, kind, case, seed):
+    x, x0 = pair(m, dtype, case, seed)
+    k = max(1, min(m - 1, int(frac * m)))
+    got = top_positions(x, x0, k, kind)
+    want = top_indices(distance(x, x0, kind), k)
+    if got is None:  # only where the sample misled (the caller then ranks the distances itself)
+        assert case == "fool" or k > 0.9 * m
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", DISTANCES)
+def test_top_positions_serves_ordinary_tensors(dtype, kind):
+    # not vacuous: on continuous values the fused path answers (and agrees) at every budget
+    x, x0 = pair(100_000, dtype, "rand", 1)
+    for k in (1, 10, 1000, 10_000, 50_000):
+        got = top_positions(x, x0, k, kind)
+        assert got is not None and torch.equal(got, top_indices(distance(x, x0, kind), k))
+
+
+def test_candidates_stop_at_the_cap():
+    x, x0 = pair(50_000, torch.float32, "rand", 2)
+    d = distance(x, x0)
+    lo = float(d.median())
+    pos, val = kernels.candidates(x, x0, "absolute", lo, False, 50_000)
+    assert torch.equal(pos, torch.nonzero(d >= lo).view(-1)) and torch.equal(val, d[pos])
+    pos, val = kernels.candidates(x, x0, "absolute", lo, True, 50_000)
+    assert torch.equal(pos, torch.nonzero(d > lo).view(-1))
+    assert kernels.candidates(x, x0, "absolute", lo, False, len(pos) - 1) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_reset_moves_bits(dtype):
+    g = torch.Generator().manual_seed(3)
+    n = 20_000
+    x0 = torch.randn(n, generator=g).to(dtype)
+    x = torch.randn(n, generator=g).to(dtype)
+    bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    bits[::97] = -1  # NaNs with payloads: moved, never computed
+    idx = torch.sort(torch.randperm(n, generator=g)[:777]).values
+    want = x0.clone()
+    want[idx] = x[idx]
+    before, seed_vals = x.clone(), x0[idx]
+    vals, got_seed = kernels.reset(x, x0, idx)
+    assert torch.equal(x.view(bits.dtype), want.view(bits.dtype))
+    assert torch.equal(vals.view(bits.dtype), before[idx].view(bits.dtype))
+    assert torch.equal(got_seed.view(bits.dtype), seed_vals.view(bits.dtype))
+
+
+@pytest.mark.parametrize("silo", ["tensor", "global"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
+    """Many steps of the lean engine on tensors large enough for the fused path, against the
+    same steps with the kernels switched off: the same parameters and kept sets, bit for bit."""
+    def run():
+        g = torch.Generator().manual_seed(0)
+        params = {f"w{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype))
+                  for i, s in enumerate([(300, 100), (64, 512), (40_000,), (100,)])}
+        dst = DST(params.items(), epsilon=0.05, silo=silo, seed="none", batched=False)  # per tensor
+        opts = {n: torch.optim.Adam([p], lr=1e-2) for n, p in params.items()}
+        for step in range(6):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            dst.step(opts)
+        return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}
+
+    calls = []
+    real = kernels.candidates
+    monkeypatch.setattr(kernels, "candidates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = run()
+    assert calls  # the fused path ran
+    monkeypatch.setitem(kernels._state, "lib", None)  # as without a compiler
+    plain = run()
+    for a, b in zip(fused, plain):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_without_a_compiler_dstcli_takes_the_torch_path(tmp_path):
+    # a fresh process: a compiler that fails, then none at all, then switched off
+    script = textwrap.dedent("""
+        import torch
+        from dstcli import kernels
+        from dstcli.select import top_positions
+        print(kernels.lib() is None, kernels.why())
+        x = torch.randn(20000)
+        print(top_positions(x, x + 1, 10))
+    """)
+    for env, says in (({"CC": "false"}, "false failed"), ({"CC": "no-such-cc"}, "no C compiler"),
+                      ({"DSTCLI_KERNELS": "0"}, "DSTCLI_KERNELS=0")):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env={**os.environ, "DSTCLI_CACHE": str(tmp_path / "cache"), **env})
+        assert r.returncode == 0, r.stderr
+        first, second = r.stdout.splitlines()
+        assert first.startswith("True") and says in first and second == "None"
+    assert not list((tmp_path / "cache").glob("*.so")) if (tmp_path / "cache").exists() else True
+
+
+def test_the_build_is_cached_per_source(tmp_path):
+    script = "from dstcli import kernels; print(kernels.lib() is not None, kernels._state['path'])"
+    env = {**os.environ, "DSTCLI_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env).stdout.split()
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env).stdout.split()
+    assert first[0] == "True" and first == again  # the second process loads the first one's build
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first[1])]  # no temp files left
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", DISTANCES)
+def test_distance_kernel_is_torchs(dtype, kind):
+    x, x0 = pair(30_000, dtype, "special", 4)
+    kernels.lib()
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    x0w = x0.to(wide)
+    want = (x.to(wide) - x0w).abs()
+    if kind == "relative":
+        want = want / (x0w.abs() + 1e-8)
+    elif kind == "inverse-relative":
+        want = want * x0w.abs()
+    want = want.nan_to_num(nan=float("inf"), posinf=float("inf"))
+    assert torch.equal(kernels.distance(x, x0, kind), want)
+    assert torch.equal(distance(x, x0, kind), want)
