@@ -12,7 +12,6 @@
  *                 `need` lasts, never a distance <= 0 (select.py's tie rule)
  *   dst_reset_*   x back to x0 except at ascending positions idx; the values there before (of x
  *                 and of x0) copied out. Moves bits: NaN payloads survive.
- *   dst_common    how many positions two ascending position arrays share
  *
  * Compiled with -ffp-contract=off: no fused multiply-adds, so the arithmetic rounds as torch's.
  */
@@ -262,14 +261,3 @@ SPLIT_KEEP(f64, double, , )
 RESET(16)
 RESET(32)
 RESET(64)
-
-int64_t dst_common(const int64_t *a, int64_t na, const int64_t *b, int64_t nb) {
-    int64_t i = 0, j = 0, both = 0;
-    while (i < na && j < nb) {
-        int64_t u = a[i], v = b[j];
-        both += u == v;
-        i += u <= v;
-        j += v <= u;
-    }
-    return both;
-}

@@ -117,7 +117,6 @@ def _load() -> None:
     for bits in _BITS.values():
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
-    lib.dst_common.restype, lib.dst_common.argtypes = I, [P, I, P, I]
     _state.update(lib=lib, why=None)
 
 
@@ -197,13 +196,8 @@ def reset(x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor) -> tuple[torch.T
     """Set x to x0 except at the ascending positions idx; return x's and x0's values there (as
     they were). Bits are moved, not computed. x and x0: `serves`, flat."""
     kx, kx0 = torch.empty(len(idx), dtype=x.dtype), torch.empty(len(idx), dtype=x.dtype)
-    idx = idx.contiguous()
+    idx = idx.to(torch.long).contiguous()  # the kernel reads int64 positions (all in range: callers')
     getattr(_state["lib"], f"dst_reset_{_BITS[x.element_size()]}")(
         x.data_ptr(), x0.data_ptr(), x.numel(), idx.data_ptr(), len(idx), kx.data_ptr(), kx0.data_ptr())
     return kx, kx0
 
-
-def common(a: torch.Tensor, b: torch.Tensor) -> int:
-    """How many positions two ascending int64 CPU tensors share."""
-    a, b = a.contiguous(), b.contiguous()
-    return int(_state["lib"].dst_common(a.data_ptr(), len(a), b.data_ptr(), len(b)))
