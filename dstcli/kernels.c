@@ -87,6 +87,34 @@ static inline int64_t pack16(__m512 d, __mmask16 m, int64_t i, int64_t c, int64_
 }
 #endif
 
+/* distance(x, x0) of n entries into out: 16 at a time where the CPU has AVX-512 */
+static void dist_run_f32(const float *x, const float *x0, int64_t n, int kind, float *out) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, dist_v16(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x0 + i), kind));
+#endif
+    for (; i < n; i++) out[i] = dist_f(x[i], x0[i], kind);
+}
+
+static void dist_run_bf16(const uint16_t *x, const uint16_t *x0, int64_t n, int kind, float *out) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) {
+        __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
+        __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x0 + i))), 16));
+        _mm512_storeu_ps(out + i, dist_v16(a, b, kind));
+    }
+#endif
+    for (; i < n; i++) out[i] = dist_f(bf16_to_f32(x[i]), bf16_to_f32(x0[i]), kind);
+}
+
+static void dist_run_f64(const double *x, const double *x0, int64_t n, int kind, double *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = dist_d(x[i], x0[i], kind);
+}
+
 int64_t dst_cand_f32(const float *x, const float *x0, int64_t n, int kind, float lo, int strict,
                      int64_t *pos, float *val, int64_t cap) {
     typedef float D;
@@ -151,14 +179,14 @@ int64_t dst_cand_f64(const double *x, const double *x0, int64_t n, int kind, dou
 
 /* distance(x, x0) into out (float32, float64 for float64): one pass instead of torch's three to
  * five (widening copies for bfloat16, subtract, abs, the NaN rule) */
-#define DISTANCE(SUF, T, D, LOAD, DIST)                                                      \
+#define DISTANCE(SUF, T, D)                                                                  \
     void dst_distance_##SUF(const T *x, const T *x0, int64_t n, int kind, D *out) {          \
-        for (int64_t i = 0; i < n; i++) out[i] = DIST(LOAD(x[i]), LOAD(x0[i]), kind);        \
+        dist_run_##SUF(x, x0, n, kind, out);                                                 \
     }
 
-DISTANCE(f32, float, float, AS_IS, dist_f)
-DISTANCE(bf16, uint16_t, float, AS_BF16, dist_f)
-DISTANCE(f64, double, double, AS_IS, dist_d)
+DISTANCE(f32, float, float)
+DISTANCE(bf16, uint16_t, float)
+DISTANCE(f64, double, double)
 
 /* distance(x, x0) at positions 0, stride, 2 * stride, ... (a sample for the bracket) */
 #define SAMPLE(SUF, T, D, LOAD, DIST)                                                        \
