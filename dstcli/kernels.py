@@ -100,7 +100,16 @@ def _load() -> None:
     if why is not None:
         _state.update(lib=None, why=why)
         return
-    lib = ctypes.CDLL(str(_state["path"]))
+    try:
+        lib = _bind(ctypes.CDLL(str(_state["path"])))
+    except (OSError, AttributeError) as e:  # a damaged or foreign file in the cache
+        _state.update(lib=None, why=f"could not load {_state['path']}: {e} (delete it to rebuild)")
+        return
+    _state.update(lib=lib, why=None)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the kernels' argument and result types."""
     P, I, F, D, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_cand_{suf}")
@@ -117,7 +126,7 @@ def _load() -> None:
     for bits in _BITS.values():
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
-    _state.update(lib=lib, why=None)
+    return lib
 
 
 def lib() -> ctypes.CDLL | None:

@@ -162,3 +162,13 @@ def test_distance_kernel_is_torchs(dtype, kind):
     want = want.nan_to_num(nan=float("inf"), posinf=float("inf"))
     assert torch.equal(kernels.distance(x, x0, kind), want)
     assert torch.equal(distance(x, x0, kind), want)
+
+
+def test_a_damaged_build_in_the_cache_falls_back(tmp_path):
+    script = "from dstcli import kernels; print(kernels.lib() is None, kernels.why())"
+    env = {**os.environ, "DSTCLI_CACHE": str(tmp_path)}
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env).stdout.startswith("False")
+    (built,) = tmp_path.iterdir()
+    built.write_bytes(b"not a shared library")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("True could not load") and "delete it" in out.stdout
