@@ -8,9 +8,10 @@ of float32, bfloat16 or float64, laid out contiguously) and take their torch pat
 
 The first call compiles kernels.c with the machine's C compiler (`$CC`, else `cc`; -O3
 -march=native) into dstcli's cache folder (`$DSTCLI_CACHE`, else `$XDG_CACHE_HOME/dstcli`, else
-~/.cache/dstcli), named by a hash of the source, the flags, the compiler and the CPU, so later
-processes load it in a millisecond. Without a compiler, or with DSTCLI_KERNELS=0, `lib()` is None
-and `why()` says why; results are the same, only slower.
+~/.cache/dstcli; a private temp folder where that cannot be written), named by a hash of the
+source, the flags, the compiler and the CPU, so later processes load it in a millisecond. Without
+a compiler, with a damaged build in the cache, or with DSTCLI_KERNELS=0, `lib()` is None and
+`why()` says why; results are the same, only slower.
 """
 
 from __future__ import annotations
@@ -91,12 +92,15 @@ def _load() -> None:
     if shutil.which(cc) is None:
         _state.update(lib=None, why=f"no C compiler ({cc!r} not found; set CC)")
         return
-    try:
-        why = _compile(cc, _cache_dir())
-        if why is not None and not os.environ.get("DSTCLI_CACHE"):  # an unwritable home: a private folder
-            why = _compile(cc, Path(tempfile.gettempdir()) / f"dstcli-{os.getuid() if hasattr(os, 'getuid') else 0}")
-    except (OSError, subprocess.SubprocessError) as e:
-        why = f"could not build the kernels: {e}"
+    folders = [_cache_dir()]
+    if not os.environ.get("DSTCLI_CACHE"):  # a home that cannot be written: a private temp folder
+        folders.append(Path(tempfile.gettempdir()) / f"dstcli-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    for folder in folders:
+        try:
+            why = _compile(cc, folder)
+            break  # built, or the compiler failed: another folder would not help
+        except (OSError, subprocess.SubprocessError) as e:
+            why = f"could not build the kernels in {folder}: {e}"
     if why is not None:
         _state.update(lib=None, why=why)
         return

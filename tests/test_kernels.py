@@ -172,3 +172,13 @@ def test_a_damaged_build_in_the_cache_falls_back(tmp_path):
     built.write_bytes(b"not a shared library")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.startswith("True could not load") and "delete it" in out.stdout
+
+
+def test_an_unwritable_cache_builds_in_a_temp_folder(tmp_path):
+    # HOME under /proc cannot be made even by root; $TMPDIR (here tmp_path) takes the build
+    script = "from dstcli import kernels; print(kernels.lib() is not None, kernels._state.get('path'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("DSTCLI_CACHE", "XDG_CACHE_HOME")}
+    env.update(HOME="/proc/no-such-home", TMPDIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    ok, path = out.stdout.split()
+    assert ok == "True" and path.startswith(str(tmp_path / "dstcli-")), out.stderr
