@@ -4,12 +4,16 @@
     python benchmarks/selection.py --sizes 256      # add a 256M silo (needs ~4 GB)
     python benchmarks/selection.py --device cuda --sizes 1 16 64 256 --epsilon 1e-6 1e-3 1e-1
     python benchmarks/selection.py --sizes --rows 2048x512 8192x512 4096x4096 --epsilon 1e-2 1e-1
+    python benchmarks/selection.py --sizes --fused 1 16 64 --epsilon 1e-3 1e-1   # CPU kernels
 
 With --rows, also row silos (a matrix of R rows of M entries, budget epsilon * M per row): dstcli's
 `rows_indices` (the kept positions) against torch.topk along the rows (the k-th values only).
 
 Times the exact k-th largest |delta| (k = epsilon * n) of a silo of N(0,1) distances, best of 3
-(best of 10 on a GPU, synchronized), and one read pass (d.sum()) for scale. dstcli's `top_indices` returns the kept positions themselves
+(best of 10 on a GPU, synchronized), and one read pass (d.sum()) for scale. With --fused (CPU), from
+a seed x0 and its update x instead (fp32 and bf16): dstcli's fused `top_positions(x, x0, k)`
+(dstcli/kernels.c: no distance tensor) against `top_indices(distance(x, x0), k)` and torch.topk of
+the distances, the same positions checked, and a read pass over x and x0. dstcli's `top_indices` returns the kept positions themselves
 (ties resolved), which the others do not; the threshold is the smallest kept value. All methods
 must agree on the value; the script checks that.
 """
@@ -21,7 +25,8 @@ import time
 
 import torch
 
-from dstcli.select import rows_indices, top_indices
+from dstcli import kernels
+from dstcli.select import distance, rows_indices, top_indices, top_positions
 
 
 def best(fn, device: torch.device, reps: int = 3) -> tuple[float, torch.Tensor]:
@@ -41,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="*", default=[1, 16, 64], help="silo sizes in millions")
     ap.add_argument("--rows", nargs="*", default=[], metavar="RxM", help="row silos: R rows of M entries, e.g. 8192x512")
+    ap.add_argument("--fused", type=int, nargs="*", default=[], metavar="MIL", help="CPU kernels on silos of MIL millions")
     ap.add_argument("--epsilon", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
@@ -78,6 +84,36 @@ def main() -> None:
             assert torch.equal(pos.to(device), want), shape
             print(f"| {R}x{M} | {eps:g} | {k:,} | {t_fast * 1e3:.2f} | {t_topk * 1e3:.2f} | {t_topk / t_fast:.1f}x |", flush=True)
         d = None
+    if args.fused:
+        fused(args.fused, args.epsilon)
+
+
+def fused(sizes: list[int], epsilons: list[float]) -> None:
+    if kernels.lib() is None:
+        print(f"no CPU kernels here: {kernels.why()}")
+        return
+    print("\n| silo | weights | epsilon | k | read pass ms | fused ms | distance + top_indices ms | distance + torch.topk ms "
+          "| unfused / fused | topk / fused | fused / read |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cpu = torch.device("cpu")
+    for mil in sizes:
+        n = mil << 20
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.randn(n, generator=g)
+        x = x0 + torch.randn(n, generator=g) * 1e-3
+        for weights in (torch.float32, torch.bfloat16):
+            a, a0 = x.to(weights), x0.to(weights)
+            for eps in epsilons:
+                k = max(1, int(eps * n))
+                t_read, _ = best(lambda: (a.sum(), a0.sum()), cpu)
+                t_fused, pos = best(lambda: top_positions(a, a0, k), cpu)
+                t_plain, want = best(lambda: top_indices(distance(a, a0), k), cpu)
+                t_topk, _ = best(lambda: torch.topk(distance(a, a0), k, sorted=False), cpu)
+                assert pos is not None and torch.equal(pos, want), (mil, weights, eps)
+                print(f"| {mil}M | {str(weights).split('.')[1]} | {eps:g} | {k:,} | {t_read * 1e3:.2f} | {t_fused * 1e3:.2f} | "
+                      f"{t_plain * 1e3:.2f} | {t_topk * 1e3:.2f} | {t_plain / t_fused:.1f}x | {t_topk / t_fused:.1f}x | "
+                      f"{t_fused / t_read:.1f}x |", flush=True)
+            a = a0 = None
 
 
 if __name__ == "__main__":

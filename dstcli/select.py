@@ -71,6 +71,18 @@ def sample_bracket(m: int, k: int, size: int | None = None) -> tuple[int, int, i
     return stride, min(s, int(expect + margin) + 1), int(expect - margin)
 
 
+def _nth(vals: np.ndarray, j: int, ties: bool) -> float:
+    """The j-th smallest of vals (0-based). NumPy's partition slows down 10-25x on masses of equal
+    values (bf16 distances: a bracket of 30K-170K values with 3-170 distinct ones took 2-9 ms,
+    a sort 0.1-0.9), so where the sample showed such ties (`ties`) the values are sorted."""
+    return np.sort(vals)[j] if ties else np.partition(vals, j)[j]
+
+
+def _tied(bracket: np.ndarray) -> bool:
+    """Whether a sample's values inside a bracket repeat (under half of them distinct)."""
+    return len(bracket) > 16 and 2 * len(np.unique(bracket)) < len(bracket)
+
+
 def top_indices(flat: torch.Tensor, k: int, *, numpy: bool | None = None) -> torch.Tensor:
     """Ascending positions of the k largest values of a 1-D tensor of distances (exact).
 
@@ -106,7 +118,7 @@ def top_indices(flat: torch.Tensor, k: int, *, numpy: bool | None = None) -> tor
     lo, hi = ranked[-1], (ranked[j_hi - 1] if j_hi >= 1 else None)
     if numpy:
         idx = _bracketed_numpy(flat.numpy(), positions_above(flat, lo).numpy(), k,
-                               hi.item() if hi is not None else None)
+                               hi.item() if hi is not None else None, _tied(ranked[max(j_hi, 0):].numpy()))
         idx = torch.from_numpy(idx) if idx is not None else None
     else:
         idx = _bracketed_torch(flat, k, lo, hi)
@@ -123,7 +135,8 @@ def top_positions(x: torch.Tensor, x0: torch.Tensor, k: int, kind: str = "absolu
     and collects the entries at or above the bracket's low end (no distance tensor is made), and
     only those inside the bracket are ranked. None where the kernels do not serve (another device
     or dtype, no compiler, a silo under SAMPLED_MIN entries or a budget of 0 or all of it) or where
-    the sample misled: the caller then takes the torch path, which gives the same positions."""
+    the sample misled (fewer than k at or above its low end, or k or more above its high end): the
+    caller then takes the torch path, which gives the same positions."""
     m = x.numel()
     k = min(int(k), m)
     if not 0 < k < m or m < SAMPLED_MIN or not kernels.serves(x, x0):
@@ -136,34 +149,37 @@ def top_positions(x: torch.Tensor, x0: torch.Tensor, k: int, kind: str = "absolu
     s = len(sample)
     sample.partition([s - j_lo, s - max(j_hi, 1)])
     lo, hi = float(sample[s - j_lo]), (float(sample[s - j_hi]) if j_hi >= 1 else float("inf"))
-    got = kernels.candidates(flat, flat0, kind, lo, False, 2 * j_lo * stride + 4096)
-    if got is None or len(got[0]) < k:
+    # no cap below m: with quantized distances (bf16) the count at lo can be far above the
+    # sample's estimate, and only the pages the candidates fill are ever touched
+    pos, val = kernels.candidates(flat, flat0, kind, lo, False, m)
+    if len(pos) < k:
         return None
-    pos, val = got
     inside, n_above = kernels.split(val, hi)
     if n_above >= k:
         return None
     j = len(inside) - (k - n_above)  # tau: the (k - n_above)-th largest inside the bracket
-    tau = np.partition(inside, j)[j]
+    tau = _nth(inside, j, _tied(sample[s - j_lo:s - max(j_hi, 0)]))
     need = k - n_above - int(np.count_nonzero(inside > tau))  # ties at tau that still fit
     return kernels.keep(pos, val, float(tau), need)[0]
 
 
-def _bracketed_numpy(a: np.ndarray, cand: np.ndarray, k: int, hi: float | None) -> np.ndarray | None:
+def _bracketed_numpy(a: np.ndarray, cand: np.ndarray, k: int, hi: float | None,
+                     ties: bool = False) -> np.ndarray | None:
     """top_indices on CPU once the sample gave the bracket [lo, hi] and `cand` holds the positions
-    at or above lo; None when the sample misled."""
+    at or above lo (`ties`: the sample's bracket values repeat, see _nth); None when the sample
+    misled."""
     if len(cand) < k:
         return None
     vals = a[cand]
     if hi is None:
-        tau = np.partition(vals, len(vals) - k)[len(vals) - k]
+        tau = _nth(vals, len(vals) - k, ties)
     else:
         above = vals > a.dtype.type(hi)  # surely in: rank only the entries inside the bracket
         n_above = int(np.count_nonzero(above))
         if n_above >= k:
             return None
         inside = vals[~above]
-        tau = np.partition(inside, len(inside) - (k - n_above))[len(inside) - (k - n_above)]
+        tau = _nth(inside, len(inside) - (k - n_above), ties)
     if not tau > 0:  # fewer than k positive distances: every positive one, never a zero
         return cand[vals > 0]
     keep = vals > tau
