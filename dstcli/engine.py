@@ -736,24 +736,20 @@ class DST:
     def _global_share(self, p: torch.Tensor, seed: torch.Tensor, floor: float | None, K: int):
         """A tensor's entries that can still be in the global top-K: its own top-K, of those only
         the ones above the pool's floor (if any); ascending positions and their distances."""
-        m = p.numel()
-        if kernels.serves(p, seed):  # fused on the CPU: no distance tensor
-            if floor is not None or K >= m:  # all above the floor (or above 0), if at most K are
-                got = kernels.candidates(p.view(-1), seed.view(-1), self.distance, floor or 0.0, True, K)
-                if got is not None:
-                    return got
-            idx = top_positions(p, seed, K, self.distance)
-            if idx is not None:
-                vals = distance(p.view(-1)[idx], seed.view(-1)[idx], self.distance)
-                if floor is not None:
-                    above = vals > floor
-                    idx, vals = idx[above], vals[above]
-                return idx, vals
-        d = distance(p, seed, self.distance).view(-1)
-        idx = positions_above(d, floor, strict=True) if floor is not None else None
-        if idx is None or len(idx) > K:
-            idx = top_indices(d, K)
-        vals = d[idx]
+        fused = kernels.serves(p, seed)  # on the CPU: no distance tensor
+        if fused and (floor is not None or K >= p.numel()):  # all above the floor (or 0), if at most K
+            got = kernels.candidates(p.view(-1), seed.view(-1), self.distance, floor or 0.0, True, K)
+            if got is not None:
+                return got
+        idx = top_positions(p, seed, K, self.distance) if fused else None
+        if idx is not None:
+            vals = distance(p.view(-1)[idx], seed.view(-1)[idx], self.distance)
+        else:
+            d = distance(p, seed, self.distance).view(-1)
+            idx = positions_above(d, floor, strict=True) if floor is not None else None
+            if idx is None or len(idx) > K:
+                idx = top_indices(d, K)
+            vals = d[idx]
         if floor is not None:
             above = vals > floor
             idx, vals = idx[above], vals[above]

@@ -85,69 +85,40 @@ static inline int64_t pack16(__m512 d, __mmask16 m, int64_t i, int64_t c, int64_
     _mm512_storeu_si512((void *)(pos + c + __builtin_popcount(m0)), _mm512_maskz_compress_epi64(m1, p1));
     return c + __builtin_popcount(m);
 }
-#endif
 
-/* distance(x, x0) of n entries into out: 16 at a time where the CPU has AVX-512 */
-static void dist_run_f32(const float *x, const float *x0, int64_t n, int kind, float *out) {
-    int64_t i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(out + i, dist_v16(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x0 + i), kind));
-#endif
-    for (; i < n; i++) out[i] = dist_f(x[i], x0[i], kind);
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+
+static inline __m512 load16_bf16(const uint16_t *p) {  /* bf16 -> float32: the bits, 16 places up */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-static void dist_run_bf16(const uint16_t *x, const uint16_t *x0, int64_t n, int kind, float *out) {
-    int64_t i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= n; i += 16) {
-        __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
-        __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x0 + i))), 16));
-        _mm512_storeu_ps(out + i, dist_v16(a, b, kind));
+/* the 16-wide parts of dst_cand_* and dst_distance_* for float32 and bfloat16 (i, c: where they stand) */
+#define CAND16(LOAD16)                                                                       \
+    const __m512 vlo = _mm512_set1_ps(lo);                                                   \
+    for (; i + 16 <= n && c + 16 <= cap; i += 16) {                                          \
+        __m512 d = dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind);                            \
+        __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ); \
+        if (m) c = pack16(d, m, i, c, pos, val);                                             \
     }
+#define DIST16(LOAD16)                                                                       \
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind));
+#else
+#define CAND16(LOAD16)
+#define DIST16(LOAD16)
 #endif
-    for (; i < n; i++) out[i] = dist_f(bf16_to_f32(x[i]), bf16_to_f32(x0[i]), kind);
-}
 
-static void dist_run_f64(const double *x, const double *x0, int64_t n, int kind, double *out) {
-    for (int64_t i = 0; i < n; i++) out[i] = dist_d(x[i], x0[i], kind);
-}
-
-int64_t dst_cand_f32(const float *x, const float *x0, int64_t n, int kind, float lo, int strict,
-                     int64_t *pos, float *val, int64_t cap) {
-    typedef float D;
-    int64_t c = 0, i = 0;
-#ifdef __AVX512F__
-    const __m512 vlo = _mm512_set1_ps(lo);
-    for (; i + 16 <= n && c + 16 <= cap; i += 16) {
-        __m512 d = dist_v16(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x0 + i), kind);
-        __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ);
-        if (m) c = pack16(d, m, i, c, pos, val);
+/* dst_cand_* for the types whose distances are float32 */
+#define CAND_FLOAT(SUF, T, LOAD)                                                             \
+    int64_t dst_cand_##SUF(const T *x, const T *x0, int64_t n, int kind, float lo, int strict, \
+                           int64_t *pos, float *val, int64_t cap) {                          \
+        typedef float D;                                                                     \
+        int64_t c = 0, i = 0;                                                                \
+        CAND16(load16_##SUF)                                                                 \
+        SCALAR_CAND(LOAD, dist_f)                                                            \
     }
-#endif
-    SCALAR_CAND(AS_IS, dist_f)
-}
 
-int64_t dst_cand_bf16(const uint16_t *x, const uint16_t *x0, int64_t n, int kind, float lo, int strict,
-                      int64_t *pos, float *val, int64_t cap) {
-    typedef float D;
-    int64_t c = 0, i = 0;
-#ifdef __AVX512F__
-    const __m512 vlo = _mm512_set1_ps(lo);
-    for (; i + 16 <= n && c + 16 <= cap; i += 16) {
-        __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
-        __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x0 + i))), 16));
-        __m512 d = dist_v16(a, b, kind);
-        __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ);
-        if (m) c = pack16(d, m, i, c, pos, val);
-    }
-#endif
-    SCALAR_CAND(AS_BF16, dist_f)
-}
+CAND_FLOAT(f32, float, AS_IS)
+CAND_FLOAT(bf16, uint16_t, AS_BF16)
 
 int64_t dst_cand_f64(const double *x, const double *x0, int64_t n, int kind, double lo, int strict,
                      int64_t *pos, double *val, int64_t cap) {
@@ -179,14 +150,19 @@ int64_t dst_cand_f64(const double *x, const double *x0, int64_t n, int kind, dou
 
 /* distance(x, x0) into out (float32, float64 for float64): one pass instead of torch's three to
  * five (widening copies for bfloat16, subtract, abs, the NaN rule) */
-#define DISTANCE(SUF, T, D)                                                                  \
-    void dst_distance_##SUF(const T *x, const T *x0, int64_t n, int kind, D *out) {          \
-        dist_run_##SUF(x, x0, n, kind, out);                                                 \
+#define DISTANCE_FLOAT(SUF, T, LOAD)                                                         \
+    void dst_distance_##SUF(const T *x, const T *x0, int64_t n, int kind, float *out) {      \
+        int64_t i = 0;                                                                       \
+        DIST16(load16_##SUF)                                                                 \
+        for (; i < n; i++) out[i] = dist_f(LOAD(x[i]), LOAD(x0[i]), kind);                   \
     }
 
-DISTANCE(f32, float, float)
-DISTANCE(bf16, uint16_t, float)
-DISTANCE(f64, double, double)
+DISTANCE_FLOAT(f32, float, AS_IS)
+DISTANCE_FLOAT(bf16, uint16_t, AS_BF16)
+
+void dst_distance_f64(const double *x, const double *x0, int64_t n, int kind, double *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = dist_d(x[i], x0[i], kind);
+}
 
 /* distance(x, x0) at positions 0, stride, 2 * stride, ... (a sample for the bracket) */
 #define SAMPLE(SUF, T, D, LOAD, DIST)                                                        \
