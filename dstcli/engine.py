@@ -49,8 +49,8 @@ from dstcli import kernels
 from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
-from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, positions_above, rows_indices, rows_keep, segments_keep,
-                           top_indices, top_positions)
+from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, kth_largest, positions_above, rows_indices, rows_keep,
+                           segments_keep, top_indices, top_positions)
 from dstcli.silos import allocate, budget_total, silo_rows
 
 
@@ -241,7 +241,7 @@ class DST:
         self.kept = {n: _Kept(torch.empty(0, dtype=torch.long, device=p.device), p.detach().new_empty(0))
                      for n, p in self.params.items()}
         self.frozen = {n for n in self.params if self._budget_of(n) == 0}  # always the seed
-        self._nonseed: dict[str, torch.Tensor] = {}
+        self._nonseed: dict[str, torch.Tensor | int] = {}
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
         if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
@@ -720,12 +720,9 @@ class DST:
         pool: list[tuple[str, torch.Tensor]] = []  # (name, distances of that tensor's kept entries)
         size, floor = 0, None  # floor: the pool's K-th largest distance, once it holds K
         for name in self.params:
-            p = self.params[name].detach()
-            seed = seed_of(name)
-            idx, vals = self._global_share(p, seed, floor, K)
-            self._reset_outside(name, seed, idx)
+            vals = self._global_share(name, seed_of(name), floor, K)
             pool.append((name, vals.to(wide)))
-            size += len(idx)
+            size += len(vals)
             if size > 4 * K:
                 floor, size = self._cut_pool(pool, K), K
         if size > K:
@@ -733,14 +730,17 @@ class DST:
         if self.gather is not None:  # each process now holds its own top-K: agree on the global one
             self._cut_pool(pool, K, self._global_keep(pool, K))
 
-    def _global_share(self, p: torch.Tensor, seed: torch.Tensor, floor: float | None, K: int):
-        """A tensor's entries that can still be in the global top-K: its own top-K, of those only
-        the ones above the pool's floor (if any); ascending positions and their distances."""
+    def _global_share(self, name: str, seed: torch.Tensor, floor: float | None, K: int) -> torch.Tensor:
+        """Make a tensor's kept set the entries that can still be in the global top-K (its own
+        top-K, of those only the ones above the pool's floor, if any) and reset the rest to
+        `seed`; return their distances (ascending positions)."""
+        p = self.params[name].detach()
         fused = kernels.serves(p, seed)  # on the CPU: no distance tensor
-        if fused and (floor is not None or K >= p.numel()):  # all above the floor (or 0), if at most K
-            got = kernels.candidates(p.view(-1), seed.view(-1), self.distance, floor or 0.0, True, K)
-            if got is not None:
-                return got
+        if fused and (floor is not None or K >= p.numel()):  # all above the floor (or 0), in one pass
+            idx, vals, seed_vals, differ = kernels.share(p.view(-1), seed.view(-1), self.distance, floor or 0.0, True)
+            self.kept[name] = _Kept(idx, seed_vals)
+            self._nonseed[name] = differ
+            return vals
         idx = top_positions(p, seed, K, self.distance) if fused else None
         if idx is not None:
             vals = distance(p.view(-1)[idx], seed.view(-1)[idx], self.distance)
@@ -753,7 +753,8 @@ class DST:
         if floor is not None:
             above = vals > floor
             idx, vals = idx[above], vals[above]
-        return idx, vals
+        self._reset_outside(name, seed, idx)
+        return vals
 
     def _global_keep(self, pool: list[tuple[str, torch.Tensor]], K: int) -> torch.Tensor:
         """Which local pool entries are in the top-K over all processes, by (distance, position
@@ -771,6 +772,8 @@ class DST:
     def _cut_pool(self, pool: list[tuple[str, torch.Tensor]], K: int, keep: torch.Tensor | None = None) -> float:
         """Keep the pool's top-K (ties to the lower position), or the entries `keep` marks, reset
         the rest; return the K-th largest distance."""
+        if keep is None and all(self._cuttable(name, vals) for name, vals in pool):
+            return self._cut_fused(pool, K)
         shares, kth = _pool_cut([v for _, v in pool], K, keep)
         for i, ((name, vals), mine) in enumerate(zip(pool, shares)):
             if mine is None:
@@ -785,6 +788,30 @@ class DST:
             self._nonseed[name] = _differ(vals_now, seed_vals)
             pool[i] = (name, vals[mine])
         return kth
+
+    def _cuttable(self, name: str, vals: torch.Tensor) -> bool:
+        """Whether kernels.cut takes this part of the pool (compacted in place)."""
+        kept = self.kept[name]
+        return (kernels.serves(self.params[name], kept.seed_vals) and kept.idx.dtype == torch.long
+                and kept.idx.is_contiguous() and vals.is_contiguous())
+
+    def _cut_fused(self, pool: list[tuple[str, torch.Tensor]], K: int) -> float:
+        """`_cut_pool` on the CPU: the K-th largest distance from a sampled bracket, then one pass
+        over each part keeps, compacts and resets (kernels.cut), in pool order for the ties."""
+        tau, need = kth_largest([vals.numpy() for _, vals in pool], K)
+        left = np.array([need], dtype=np.int64)  # ties at tau that still fit, counted down in order
+        for i, (name, vals) in enumerate(pool):
+            kept = self.kept[name]
+            k, differ = kernels.cut(self.params[name].detach().view(-1), kept.idx, kept.seed_vals, vals, tau, left)
+            if k == len(vals):
+                continue
+            idx, seed_vals, vals = kept.idx[:k], kept.seed_vals[:k], vals[:k]
+            if 2 * k * idx.element_size() < idx.untyped_storage().nbytes():  # let larger buffers go
+                idx, seed_vals, vals = idx.clone(), seed_vals.clone(), vals.clone()
+            self.kept[name] = _Kept(idx, seed_vals)
+            self._nonseed[name] = differ
+            pool[i] = (name, vals)
+        return tau
 
     # ---- resuming -------------------------------------------------------------------------------
 

@@ -8,10 +8,18 @@
  *   dst_distance_* the same distances for every entry, into a tensor
  *   dst_sample_*  the same distances at every stride-th position only
  *   dst_split_*   candidates' distances above hi counted, the others copied out (the bracket)
+ *   dst_bracket_* values in [lo, hi] copied out, the ones above hi counted (a pool's bracket)
  *   dst_keep_*    the kept candidates: above tau, then ties at tau from the lowest position while
  *                 `need` lasts, never a distance <= 0 (select.py's tie rule)
  *   dst_reset_*   x back to x0 except at ascending positions idx; the values there before (of x
  *                 and of x0) copied out. Moves bits: NaN payloads survive.
+ *   dst_share_*   a global silo's tensor in one pass: the candidates as dst_cand_* finds them
+ *                 (positions, distances, x0's values there) kept, every other entry of x set to
+ *                 x0; counts the candidates whose bits differ from x0's
+ *   dst_cut_*     a global silo's pool cut, one tensor's share at a time: of its candidates the
+ *                 ones above tau stay, then ties at tau while the shared `need` lasts (the pool is
+ *                 cut in position order), never a distance <= 0; the others go back to their
+ *                 x0 values in x. Compacts the candidates in place, counts the ones that differ.
  *
  * Compiled with -ffp-contract=off: no fused multiply-adds, so the arithmetic rounds as torch's.
  */
@@ -265,3 +273,215 @@ SPLIT_KEEP(f64, double, , )
 RESET(16)
 RESET(32)
 RESET(64)
+
+/* dst_share_*: as dst_cand_* with no cap (pos, val, seed: room for n + 16), and x set to x0 outside
+ * the candidates (bits moved) */
+#define SHARE_TAIL(LOAD, DIST, BITS)                                                         \
+    for (; i < n; i++) {                                                                     \
+        uint##BITS##_t a = x[i], b = x0[i];                                                  \
+        __typeof__(lo) d = DIST(LOAD(a), LOAD(b), kind);                                     \
+        int keep = strict ? d > lo : d >= lo;                                                \
+        pos[c] = i;                                                                          \
+        val[c] = d;                                                                          \
+        seed[c] = b;                                                                         \
+        x[i] = keep ? a : b;                                                                 \
+        diff += keep & (a != b);                                                             \
+        c += keep;                                                                           \
+    }                                                                                        \
+    *differ = diff;                                                                          \
+    return c;
+
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return f; }
+
+#ifdef __AVX512F__
+#define SHARE16_F32                                                                          \
+    const __m512 vlo = _mm512_set1_ps(lo);                                                   \
+    for (; i + 16 <= n; i += 16) {                                                           \
+        __m512 a = _mm512_loadu_ps((const float *)x + i), b = _mm512_loadu_ps((const float *)x0 + i); \
+        __m512 d = dist_v16(a, b, kind);                                                     \
+        __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ); \
+        _mm512_mask_storeu_ps((float *)x + i, (__mmask16)~m, b);                             \
+        if (!m) continue;                                                                    \
+        diff += __builtin_popcount(m & _mm512_cmpneq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b))); \
+        _mm512_storeu_ps((float *)seed + c, _mm512_maskz_compress_ps(m, b));                 \
+        c = pack16(d, m, i, c, pos, val);                                                    \
+    }
+#else
+#define SHARE16_F32
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SHARE16_BF16                                                                         \
+    const __m512 vlo = _mm512_set1_ps(lo);                                                   \
+    for (; i + 16 <= n; i += 16) {                                                           \
+        __m512 a = load16_bf16(x + i), b = load16_bf16(x0 + i);                              \
+        __m512 d = dist_v16(a, b, kind);                                                     \
+        __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ); \
+        _mm256_mask_storeu_epi16(x + i, (__mmask16)~m, _mm256_loadu_si256((const __m256i *)(x0 + i))); \
+        if (!m) continue;                                                                    \
+        diff += __builtin_popcount(m & _mm512_cmpneq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b))); \
+        __m512i sb = _mm512_srli_epi32(_mm512_castps_si512(_mm512_maskz_compress_ps(m, b)), 16); \
+        _mm256_storeu_si256((__m256i *)(seed + c), _mm512_cvtepi32_epi16(sb));               \
+        c = pack16(d, m, i, c, pos, val);                                                    \
+    }
+#else
+#define SHARE16_BF16
+#endif
+
+#define SHARE(SUF, BITS, D, LOAD, DIST, FAST)                                                \
+    int64_t dst_share_##SUF(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, D lo, \
+                            int strict, int64_t *pos, D *val, uint##BITS##_t *seed, int64_t *differ) { \
+        int64_t c = 0, i = 0, diff = 0;                                                      \
+        FAST                                                                                 \
+        SHARE_TAIL(LOAD, DIST, BITS)                                                         \
+    }
+
+SHARE(f32, 32, float, bits_f32, dist_f, SHARE16_F32)
+SHARE(bf16, 16, float, bf16_to_f32, dist_f, SHARE16_BF16)
+SHARE(f64, 64, double, bits_f64, dist_d, )
+
+/* dst_cut_<distances>_<bits of x>: branch-free; x is written at every candidate (its own value
+ * or x0's), in ascending positions. With AVX-512, 16 candidates at 16 consecutive positions (a
+ * share taken whole: the pool's first tensors) and no tie at tau go at once. */
+#define CUT_ONE                                                                              \
+    {                                                                                        \
+        V v = val[j];                                                                        \
+        int64_t p = pos[j];                                                                  \
+        U s = seed[j], cur = x[p];                                                           \
+        int eq = v == tau;                                                                   \
+        int keep = ((v > tau) | (eq & (need > 0))) & (v > 0);                                \
+        need -= eq & keep;                                                                   \
+        x[p] = keep ? cur : s;                                                               \
+        pos[k] = p;                                                                          \
+        seed[k] = s;                                                                         \
+        val[k] = v;                                                                          \
+        diff += keep & (cur != s);                                                           \
+        k += keep;                                                                           \
+    }
+
+#ifdef __AVX512F__
+/* the part of a block of 16 both widths share: the keep mask (0 where the block must go entry by
+ * entry: a tie at tau) */
+static inline int cut_block(const int64_t *pos, const float *val, int64_t j, float tau, __mmask16 *keep) {
+    __m512 v = _mm512_loadu_ps(val + j);
+    if (_mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_EQ_OQ)) return 0;
+    *keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_GT_OQ) & _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+    return 1;
+}
+
+static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, __mmask16 m) {
+    __mmask8 m0 = (__mmask8)m, m1 = (__mmask8)(m >> 8);
+    __m512i p0 = _mm512_loadu_si512((const void *)(pos + j)), p1 = _mm512_loadu_si512((const void *)(pos + j + 8));
+    _mm512_storeu_ps(val + k, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(val + j)));
+    _mm512_storeu_si512((void *)(pos + k), _mm512_maskz_compress_epi64(m0, p0));
+    _mm512_storeu_si512((void *)(pos + k + __builtin_popcount(m0)), _mm512_maskz_compress_epi64(m1, p1));
+    return k + __builtin_popcount(m);
+}
+
+#define FAST_CUT_32                                                                          \
+    for (; j + 16 <= c; j += 16) {                                                           \
+        __mmask16 m;                                                                         \
+        if (!cut_block(pos, val, j, tau, &m)) {                                              \
+            for (int64_t e = j + 16; j < e; j++) CUT_ONE                                     \
+            j -= 16;                                                                         \
+            continue;                                                                        \
+        }                                                                                    \
+        uint32_t *at = x + pos[j];                                                           \
+        __m512i s = _mm512_loadu_si512((const void *)(seed + j)), cur;                       \
+        if (pos[j + 15] - pos[j] == 15) {                                                    \
+            cur = _mm512_loadu_si512((const void *)at);                                      \
+            _mm512_mask_storeu_epi32(at, (__mmask16)~m, s);                                  \
+        } else {                                                                             \
+            __m512i p0 = _mm512_loadu_si512((const void *)(pos + j));                        \
+            __m512i p1 = _mm512_loadu_si512((const void *)(pos + j + 8));                    \
+            __m256i s0 = _mm512_castsi512_si256(s), s1 = _mm512_extracti64x4_epi64(s, 1);   \
+            cur = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(p0, x, 4)), \
+                                     _mm512_i64gather_epi32(p1, x, 4), 1);                   \
+            _mm512_mask_i64scatter_epi32(x, (__mmask8)~m, p0, s0, 4);                        \
+            _mm512_mask_i64scatter_epi32(x, (__mmask8)(~m >> 8), p1, s1, 4);                 \
+        }                                                                                    \
+        diff += __builtin_popcount(m & _mm512_cmpneq_epi32_mask(cur, s));                    \
+        _mm512_storeu_si512((void *)(seed + k), _mm512_maskz_compress_epi32(m, s));          \
+        k = cut_pack(pos, val, j, k, m);                                                     \
+    }
+#else
+#define FAST_CUT_32
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FAST_CUT_16                                                                          \
+    for (; j + 16 <= c; j += 16) {                                                           \
+        __mmask16 m;                                                                         \
+        if (!cut_block(pos, val, j, tau, &m)) {                                              \
+            for (int64_t e = j + 16; j < e; j++) CUT_ONE                                     \
+            j -= 16;                                                                         \
+            continue;                                                                        \
+        }                                                                                    \
+        if (pos[j + 15] - pos[j] != 15) {                                                    \
+            for (int64_t e = j + 16; j < e; j++) CUT_ONE                                     \
+            j -= 16;                                                                         \
+            continue;                                                                        \
+        }                                                                                    \
+        uint16_t *at = x + pos[j];                                                           \
+        __m256i s = _mm256_loadu_si256((const __m256i *)(seed + j));                         \
+        __m256i cur = _mm256_loadu_si256((const __m256i *)at);                               \
+        _mm256_mask_storeu_epi16(at, (__mmask16)~m, s);                                      \
+        diff += __builtin_popcount(m & _mm256_cmpneq_epi16_mask(cur, s));                    \
+        __m512i s32 = _mm512_maskz_compress_epi32(m, _mm512_cvtepu16_epi32(s));              \
+        _mm256_storeu_si256((__m256i *)(seed + k), _mm512_cvtepi32_epi16(s32));              \
+        k = cut_pack(pos, val, j, k, m);                                                     \
+    }
+#else
+#define FAST_CUT_16
+#endif
+
+#define CUT(SUF, D, BITS, FAST)                                                              \
+    int64_t dst_cut_##SUF##_##BITS(uint##BITS##_t *x, int64_t *pos, uint##BITS##_t *seed, D *val, \
+                                   int64_t c, D tau, int64_t *need_io, int64_t *differ) {    \
+        typedef uint##BITS##_t U;                                                            \
+        typedef D V;                                                                         \
+        int64_t k = 0, j = 0, need = *need_io, diff = 0;                                     \
+        FAST                                                                                 \
+        for (; j < c; j++) CUT_ONE                                                           \
+        *need_io = need;                                                                     \
+        *differ = diff;                                                                      \
+        return k;                                                                            \
+    }
+
+CUT(f32, float, 16, FAST_CUT_16)
+CUT(f32, float, 32, FAST_CUT_32)
+CUT(f64, double, 16, )
+CUT(f64, double, 32, )
+CUT(f64, double, 64, )
+
+/* dst_bracket_*: of c values, the ones in [lo, hi] copied to inside (room for c + 16); returns how
+ * many, and counts the ones above hi */
+#ifdef __AVX512F__
+#define FAST_BRACKET_F32                                                                     \
+    for (; j + 16 <= c; j += 16) {                                                           \
+        __m512 v = _mm512_loadu_ps(val + j);                                                 \
+        __mmask16 up = _mm512_cmp_ps_mask(v, _mm512_set1_ps(hi), _CMP_GT_OQ);                \
+        __mmask16 in = _mm512_cmp_ps_mask(v, _mm512_set1_ps(lo), _CMP_GE_OQ) & ~up;           \
+        _mm512_storeu_ps(inside + m, _mm512_maskz_compress_ps(in, v));                       \
+        m += __builtin_popcount(in);                                                         \
+        a += __builtin_popcount(up);                                                         \
+    }
+#else
+#define FAST_BRACKET_F32
+#endif
+
+#define BRACKET(SUF, D, FAST)                                                                \
+    int64_t dst_bracket_##SUF(const D *val, int64_t c, D lo, D hi, D *inside, int64_t *above) { \
+        int64_t m = 0, a = 0, j = 0;                                                         \
+        FAST                                                                                 \
+        for (; j < c; j++) {                                                                 \
+            D v = val[j];                                                                    \
+            inside[m] = v;                                                                   \
+            m += (v >= lo) & !(v > hi);                                                      \
+            a += v > hi;                                                                     \
+        }                                                                                    \
+        *above = a;                                                                          \
+        return m;                                                                            \
+    }
+
+BRACKET(f32, float, FAST_BRACKET_F32)
+BRACKET(f64, double, )

@@ -127,9 +127,17 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = I, [P, I, real, P]
         f = getattr(lib, f"dst_keep_{suf}")
         f.restype, f.argtypes = I, [P, P, I, real, I, P, P]
+        f = getattr(lib, f"dst_bracket_{suf}")
+        f.restype, f.argtypes = I, [P, I, real, real, P, P]
+    for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
+        f = getattr(lib, f"dst_share_{suf}")
+        f.restype, f.argtypes = I, [P, P, I, C, real, C, P, P, P, P]
     for bits in _BITS.values():
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
+    for suf, real, bits in (("f32", F, "16"), ("f32", F, "32"), ("f64", D, "16"), ("f64", D, "32"), ("f64", D, "64")):
+        f = getattr(lib, f"dst_cut_{suf}_{bits}")
+        f.restype, f.argtypes = I, [P, P, P, P, I, real, P, P]
     return lib
 
 
@@ -193,6 +201,16 @@ def split(val: torch.Tensor, hi: float) -> tuple[np.ndarray, int]:
     return inside[:m].numpy(), len(val) - m
 
 
+def bracket(val: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, int]:
+    """Of values (float32 or float64, contiguous), the ones in [lo, hi] copied out, and how many
+    are above hi."""
+    inside = np.empty(len(val) + 16, dtype=val.dtype)
+    above = ctypes.c_int64(0)
+    m = getattr(_state["lib"], f"dst_bracket_{_SUFFIX[torch.float64 if val.dtype == np.float64 else torch.float32]}")(
+        val.ctypes.data, len(val), lo, hi, inside.ctypes.data, ctypes.byref(above))
+    return inside[:m], above.value
+
+
 def keep(pos: torch.Tensor, val: torch.Tensor, tau: float, need: int,
          values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Of candidates (ascending positions, their distances) whose k-th largest distance is tau,
@@ -214,3 +232,36 @@ def reset(x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor) -> tuple[torch.T
         x.data_ptr(), x0.data_ptr(), x.numel(), idx.data_ptr(), len(idx), kx.data_ptr(), kx0.data_ptr())
     return kx, kx0
 
+
+
+def share(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float,
+          strict: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A global silo's tensor in one pass: the ascending positions whose distance(x, x0, kind) is
+    >= lo (> lo if strict), those distances and x0's values there; x is set to x0 everywhere else
+    (bits moved). Also returns how many of the candidates differ from x0 bit for bit. The buffers
+    are sized for every entry, but only the pages the candidates fill are touched. x and x0:
+    `serves`, flat."""
+    n = x.numel()
+    pos = torch.empty(n + 16, dtype=torch.long)
+    val = torch.empty(n + 16, dtype=_WIDE[x.dtype])
+    seed = torch.empty(n + 16, dtype=x.dtype)
+    differ = ctypes.c_int64(0)
+    c = getattr(_state["lib"], f"dst_share_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), x0.data_ptr(), n, KINDS[kind], lo, int(strict), pos.data_ptr(), val.data_ptr(),
+        seed.data_ptr(), ctypes.byref(differ))
+    return pos[:c], val[:c], seed[:c], differ.value
+
+
+def cut(x: torch.Tensor, pos: torch.Tensor, seed: torch.Tensor, val: torch.Tensor, tau: float,
+        need: np.ndarray) -> tuple[int, int]:
+    """One tensor's share of a global silo's pool cut at tau: of its candidates (ascending int64
+    positions in x, x0's values there, their distances, float32 or float64) those above tau stay,
+    then those equal to tau while `need` lasts (one int64 in a NumPy array, counted down in place:
+    the pool's parts share it, in order), never a distance <= 0; the others are set back to their x0 values in x. pos, seed and
+    val are compacted in place; returns how many stay and how many of those differ from x0. x:
+    `serves`, flat."""
+    differ = ctypes.c_int64(0)
+    k = getattr(_state["lib"], f"dst_cut_{_SUFFIX[val.dtype]}_{_BITS[x.element_size()]}")(
+        x.data_ptr(), pos.data_ptr(), seed.data_ptr(), val.data_ptr(), len(pos), tau, need.ctypes.data,
+        ctypes.byref(differ))
+    return k, differ.value

@@ -163,6 +163,39 @@ def top_positions(x: torch.Tensor, x0: torch.Tensor, k: int, kind: str = "absolu
     return kernels.keep(pos, val, float(tau), need)[0]
 
 
+def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int]:
+    """For positive values in parts (1-D float arrays, taken together in order), more than k in
+    all: the k-th largest, tau, and how many of the k largest equal it (the ties at tau that
+    fit: top_indices keeps them from the lowest position). Bracketed by a sample as top_indices
+    (1 in 256, strided through the parts as if they were one array), so apart from the sample one
+    pass over the parts (kernels.bracket where built) collects the values inside the bracket; a
+    sample that misled costs a partition of everything instead."""
+    m = sum(len(p) for p in parts)
+    if m > _SAMPLE:
+        stride, j_lo, j_hi = sample_bracket(m, k, max(4096, min(_SAMPLE, m // 256)))
+        picks, start = [], 0
+        for p in parts:
+            picks.append(p[(-start) % stride::stride])
+            start += len(p)
+        sample = np.concatenate(picks)
+        s = len(sample)
+        sample.partition([s - j_lo, s - max(j_hi, 1)])
+        lo, hi = float(sample[s - j_lo]), (float(sample[s - j_hi]) if j_hi >= 1 else float("inf"))
+        if kernels.lib() is not None:
+            got = [kernels.bracket(np.ascontiguousarray(p), lo, hi) for p in parts]
+            inside, n_above = np.concatenate([g[0] for g in got]), sum(g[1] for g in got)
+        else:
+            cand = np.concatenate([p[p >= p.dtype.type(lo)] for p in parts])
+            above = cand > cand.dtype.type(hi)
+            inside, n_above = cand[~above], int(np.count_nonzero(above))
+        if len(inside) + n_above >= k and n_above < k:  # else the sample misled
+            tau = _nth(inside, len(inside) - (k - n_above), _tied(sample[s - j_lo:s - max(j_hi, 0)]))
+            return float(tau), k - n_above - int(np.count_nonzero(inside > tau))
+    every = np.concatenate(parts)
+    tau = _nth(every, m - k, False)
+    return float(tau), k - int(np.count_nonzero(every > tau))
+
+
 def _bracketed_numpy(a: np.ndarray, cand: np.ndarray, k: int, hi: float | None,
                      ties: bool = False) -> np.ndarray | None:
     """top_indices on CPU once the sample gave the bracket [lo, hi] and `cand` holds the positions

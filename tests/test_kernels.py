@@ -6,13 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from dstcli import kernels
 from dstcli.engine import DST
-from dstcli.select import DISTANCES, distance, sample_bracket, top_indices, top_positions
+from dstcli.select import DISTANCES, distance, kth_largest, sample_bracket, top_indices, top_positions
 
 pytestmark = pytest.mark.skipif(kernels.lib() is None, reason=f"no CPU kernels here: {kernels.why()}")
 
@@ -88,6 +89,141 @@ def test_reset_moves_bits(dtype):
     assert torch.equal(x.view(bits.dtype), want.view(bits.dtype))
     assert torch.equal(vals.view(bits.dtype), before[idx].view(bits.dtype))
     assert torch.equal(got_seed.view(bits.dtype), seed_vals.view(bits.dtype))
+
+
+BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", DISTANCES)
+@pytest.mark.parametrize("case", ["rand", "ties", "special"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_share_is_candidates_then_reset(dtype, kind, case, strict):
+    x, x0 = pair(30_001, dtype, case, 5)  # odd: the 16-wide loop leaves a tail
+    lo = float(distance(x, x0, kind).median()) if case != "special" else 0.0
+    want_x = x.clone()
+    pos, val = kernels.candidates(want_x, x0, kind, lo, strict, x.numel())
+    vals, seed_vals = kernels.reset(want_x, x0, pos)
+    bits = BITS[x.element_size()]
+    got_pos, got_val, got_seed, differ = kernels.share(x, x0, kind, lo, strict)
+    assert torch.equal(got_pos, pos) and torch.equal(got_val, val)
+    assert torch.equal(got_seed.view(bits), seed_vals.view(bits)) and torch.equal(x.view(bits), want_x.view(bits))
+    assert differ == int(torch.count_nonzero(vals.view(bits) != seed_vals.view(bits)))
+    assert 0 < len(pos) < x.numel() or (case == "special" and not strict)  # lo = 0: everything is in
+
+
+def top_k_mask(vals: np.ndarray, k: int) -> np.ndarray:
+    """The reference: the k largest positive values, ties to the lower position, by a full sort."""
+    order = np.lexsort((np.arange(len(vals)), -vals))[:k]
+    keep = np.zeros(len(vals), dtype=bool)
+    keep[order] = True
+    return keep & (vals > 0)
+
+
+def pool_values(draw_sizes, quantized: bool, dtype, seed: int) -> list[np.ndarray]:
+    g = np.random.default_rng(seed)
+    parts = []
+    for n in draw_sizes:
+        v = g.exponential(1.0, n)
+        parts.append((np.ceil(v * 4) / 4 if quantized else v + 1e-3).astype(dtype))  # all positive
+    return parts
+
+
+@given(st.lists(st.integers(0, 40_000), min_size=1, max_size=6), st.floats(0.0, 1.0), st.booleans(),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_kth_largest_is_the_sorted_kth(sizes, frac, quantized, dtype, seed):
+    parts = pool_values(sizes, quantized, dtype, seed)
+    every = np.concatenate(parts)
+    if len(every) < 2:
+        return
+    k = 1 + int(frac * (len(every) - 2))  # 1 .. m - 1
+    tau, need = kth_largest(parts, k)
+    ranked = np.sort(every)[::-1]
+    assert tau == ranked[k - 1] and need == k - int(np.count_nonzero(every > ranked[k - 1]))
+
+
+def test_kth_largest_when_the_sample_misleads():
+    # the sample, strided through the parts as one array, sees only the small values
+    m, k = 200_000, 5_000
+    stride = sample_bracket(m, k, max(4096, min(1 << 16, m // 256)))[0]
+    every = np.ones(m, dtype=np.float32)
+    every[::stride] = 0.5
+    parts = np.split(every, [70_000, 130_001])
+    assert kth_largest(parts, k) == (1.0, k) and kth_largest(parts, m - 100) == (0.5, m - 100 - np.count_nonzero(every == 1))
+
+
+@given(st.lists(st.integers(0, 30_000), min_size=1, max_size=5), st.floats(0.0, 1.0), st.booleans(),
+       st.sampled_from([(np.float32, torch.float32), (np.float32, torch.bfloat16), (np.float64, torch.float16),
+                        (np.float64, torch.float32), (np.float64, torch.float64)]),
+       st.sampled_from(["dense", "sparse", "mixed"]), st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_cut_keeps_the_pools_top_k(sizes, frac, quantized, types, layout, seed):
+    """A pool cut, part by part, keeps exactly the pool's top-k (ties to the earlier part and the
+    lower position), sets every other candidate back to its seed value and counts the survivors
+    that differ from theirs."""
+    vdtype, xdtype = types
+    parts = pool_values(sizes, quantized, vdtype, seed)
+    m = sum(len(v) for v in parts)
+    if m < 2:
+        return
+    k = 1 + int(frac * (m - 2))
+    g = torch.Generator().manual_seed(seed)
+    bits = BITS[torch.empty(0, dtype=xdtype).element_size()]
+    keep = np.split(top_k_mask(np.concatenate(parts), k), np.cumsum([len(v) for v in parts])[:-1])
+    tau, need = kth_largest(parts, k)
+    left = np.array([need], dtype=np.int64)
+    for i, (v, kept) in enumerate(zip(parts, keep)):
+        n = len(v)
+        sparse = layout == "sparse" or (layout == "mixed" and i % 2)
+        size = 3 * n + 5 if sparse else n
+        pos = torch.sort(torch.randperm(size, generator=g)[:n]).values if sparse else torch.arange(n)
+        x = torch.randn(size, generator=g).to(xdtype)
+        seed_vals = torch.randn(n, generator=g).to(xdtype)
+        seed_vals[::3] = x[pos[::3]]  # survivors equal to their seed values are not counted
+        want_x = x.clone()
+        want_x[pos[~torch.from_numpy(kept)]] = seed_vals[~torch.from_numpy(kept)]
+        ours = (pos.clone(), seed_vals.clone(), torch.from_numpy(v.copy()))
+        got, differ = kernels.cut(x, *ours, tau, left)
+        mask = torch.from_numpy(kept)
+        assert got == int(mask.sum())
+        assert torch.equal(ours[0][:got], pos[mask]) and np.array_equal(ours[2][:got].numpy(), v[kept])
+        assert torch.equal(ours[1][:got].view(bits), seed_vals[mask].view(bits))
+        assert torch.equal(x.view(bits), want_x.view(bits))
+        assert differ == int(torch.count_nonzero(x[pos[mask]].view(bits) != seed_vals[mask].view(bits)))
+    assert left[0] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["absolute", "relative"])
+def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind):
+    """The global silo's pool on the CPU kernels (whole tensors shared while it has no floor,
+    then only entries above it; cuts of more than 65,536 entries, by the sampled bracket) over
+    steps with ties, against the same steps on the torch path: bit for bit."""
+    def run():
+        g = torch.Generator().manual_seed(1)
+        shapes = [(120, 100)] * 16 + [(100_000,), (7,), (300, 30)]
+        params = {f"w{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for i, s in enumerate(shapes)}
+        dst = DST(params.items(), epsilon=0.1, silo="global", distance=kind, seed="none", batched=False)
+        opts = {n: torch.optim.Adam([p], lr=1e-2) for n, p in params.items()}
+        for step in range(4):
+            for i, p in enumerate(params.values()):  # rounded in some tensors: ties across tensors
+                grad = torch.randn(p.shape, generator=g)
+                p.grad = (grad.round() if i % 3 == 0 else grad).to(dtype)
+            dst.step(opts)
+        return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}, dst.nonseed()
+
+    calls = []
+    for name in ("share", "cut"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    fused = run()
+    assert {"share", "cut"} <= set(calls)  # the pool ran on the kernels
+    monkeypatch.setitem(kernels._state, "lib", None)  # as without a compiler
+    plain = run()
+    for a, b in zip(fused[:2], plain[:2]):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert fused[2] == plain[2]
 
 
 @pytest.mark.parametrize("silo", ["tensor", "global"])
