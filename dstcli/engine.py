@@ -736,11 +736,12 @@ class DST:
         `seed`; return their distances (ascending positions)."""
         p = self.params[name].detach()
         fused = kernels.serves(p, seed)  # on the CPU: no distance tensor
-        if fused and (floor is not None or K >= p.numel()):  # all above the floor (or 0), in one pass
-            idx, vals, seed_vals, differ = kernels.share(p.view(-1), seed.view(-1), self.distance, floor or 0.0, True)
-            self.kept[name] = _Kept(idx, seed_vals)
-            self._nonseed[name] = differ
-            return vals
+        if fused and (floor is not None or K >= p.numel()):  # all above the floor (or 0), if at most K
+            got = kernels.share(p.view(-1), seed.view(-1), self.distance, floor or 0.0, True, K)
+            if got is not None:
+                idx, vals, seed_vals, self._nonseed[name] = got
+                self.kept[name] = _Kept(idx, seed_vals)
+                return vals
         idx = top_positions(p, seed, K, self.distance) if fused else None
         if idx is not None:
             vals = distance(p.view(-1)[idx], seed.view(-1)[idx], self.distance)

@@ -274,8 +274,9 @@ RESET(16)
 RESET(32)
 RESET(64)
 
-/* dst_share_*: as dst_cand_* with no cap (pos, val, seed: room for n + 16), and x set to x0 outside
- * the candidates (bits moved) */
+/* dst_share_*: as dst_cand_* (pos, val, seed: room for cap + 16; cap + 1 once more than cap are
+ * found, x then set to x0 outside the candidates only as far as the pass went), and x set to x0
+ * outside the candidates (bits moved) */
 #define SHARE_TAIL(LOAD, DIST, BITS)                                                         \
     for (; i < n; i++) {                                                                     \
         uint##BITS##_t a = x[i], b = x0[i];                                                  \
@@ -287,6 +288,7 @@ RESET(64)
         x[i] = keep ? a : b;                                                                 \
         diff += keep & (a != b);                                                             \
         c += keep;                                                                           \
+        if (c > cap) return cap + 1;                                                         \
     }                                                                                        \
     *differ = diff;                                                                          \
     return c;
@@ -297,7 +299,7 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
 #ifdef __AVX512F__
 #define SHARE16_F32                                                                          \
     const __m512 vlo = _mm512_set1_ps(lo);                                                   \
-    for (; i + 16 <= n; i += 16) {                                                           \
+    for (; i + 16 <= n && c + 16 <= cap; i += 16) {                                          \
         __m512 a = _mm512_loadu_ps((const float *)x + i), b = _mm512_loadu_ps((const float *)x0 + i); \
         __m512 d = dist_v16(a, b, kind);                                                     \
         __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ); \
@@ -313,7 +315,7 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
 #define SHARE16_BF16                                                                         \
     const __m512 vlo = _mm512_set1_ps(lo);                                                   \
-    for (; i + 16 <= n; i += 16) {                                                           \
+    for (; i + 16 <= n && c + 16 <= cap; i += 16) {                                          \
         __m512 a = load16_bf16(x + i), b = load16_bf16(x0 + i);                              \
         __m512 d = dist_v16(a, b, kind);                                                     \
         __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ); \
@@ -330,7 +332,8 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
 
 #define SHARE(SUF, BITS, D, LOAD, DIST, FAST)                                                \
     int64_t dst_share_##SUF(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, D lo, \
-                            int strict, int64_t *pos, D *val, uint##BITS##_t *seed, int64_t *differ) { \
+                            int strict, int64_t *pos, D *val, uint##BITS##_t *seed, int64_t cap,  \
+                            int64_t *differ) {                                               \
         int64_t c = 0, i = 0, diff = 0;                                                      \
         FAST                                                                                 \
         SHARE_TAIL(LOAD, DIST, BITS)                                                         \

@@ -131,7 +131,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = I, [P, I, real, real, P, P]
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_share_{suf}")
-        f.restype, f.argtypes = I, [P, P, I, C, real, C, P, P, P, P]
+        f.restype, f.argtypes = I, [P, P, I, C, real, C, P, P, P, I, P]
     for bits in _BITS.values():
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
@@ -234,21 +234,24 @@ def reset(x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor) -> tuple[torch.T
 
 
 
-def share(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float,
-          strict: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def share(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float, strict: bool,
+          cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
     """A global silo's tensor in one pass: the ascending positions whose distance(x, x0, kind) is
     >= lo (> lo if strict), those distances and x0's values there; x is set to x0 everywhere else
-    (bits moved). Also returns how many of the candidates differ from x0 bit for bit. The buffers
-    are sized for every entry, but only the pages the candidates fill are touched. x and x0:
+    (bits moved). Also returns how many of the candidates differ from x0 bit for bit. None when
+    more than `cap` are candidates: the pass stops there, having set only entries below lo to x0
+    (which leaves x's top-`cap` alone whenever more than `cap` are at or above lo). x and x0:
     `serves`, flat."""
-    n = x.numel()
-    pos = torch.empty(n + 16, dtype=torch.long)
-    val = torch.empty(n + 16, dtype=_WIDE[x.dtype])
-    seed = torch.empty(n + 16, dtype=x.dtype)
+    cap = max(0, min(int(cap), x.numel()))
+    pos = torch.empty(cap + 16, dtype=torch.long)
+    val = torch.empty(cap + 16, dtype=_WIDE[x.dtype])
+    seed = torch.empty(cap + 16, dtype=x.dtype)
     differ = ctypes.c_int64(0)
     c = getattr(_state["lib"], f"dst_share_{_SUFFIX[x.dtype]}")(
-        x.data_ptr(), x0.data_ptr(), n, KINDS[kind], lo, int(strict), pos.data_ptr(), val.data_ptr(),
-        seed.data_ptr(), ctypes.byref(differ))
+        x.data_ptr(), x0.data_ptr(), x.numel(), KINDS[kind], lo, int(strict), pos.data_ptr(), val.data_ptr(),
+        seed.data_ptr(), cap, ctypes.byref(differ))
+    if c > cap:
+        return None
     return pos[:c], val[:c], seed[:c], differ.value
 
 

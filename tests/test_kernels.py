@@ -105,7 +105,14 @@ def test_share_is_candidates_then_reset(dtype, kind, case, strict):
     pos, val = kernels.candidates(want_x, x0, kind, lo, strict, x.numel())
     vals, seed_vals = kernels.reset(want_x, x0, pos)
     bits = BITS[x.element_size()]
-    got_pos, got_val, got_seed, differ = kernels.share(x, x0, kind, lo, strict)
+    before = x.clone()
+    assert kernels.share(x, x0, kind, lo, strict, len(pos) - 1) is None  # one too many: x's top part stays
+    below = distance(before, x0, kind) <= lo if strict else distance(before, x0, kind) < lo
+    assert torch.equal(x.view(bits)[~below], before.view(bits)[~below])
+    xb, b0 = x.view(bits)[below], x0.view(bits)[below]
+    assert bool(((xb == before.view(bits)[below]) | (xb == b0)).all()) and (not len(xb) or bool((xb == b0).any()))
+    x = before
+    got_pos, got_val, got_seed, differ = kernels.share(x, x0, kind, lo, strict, len(pos))
     assert torch.equal(got_pos, pos) and torch.equal(got_val, val)
     assert torch.equal(got_seed.view(bits), seed_vals.view(bits)) and torch.equal(x.view(bits), want_x.view(bits))
     assert differ == int(torch.count_nonzero(vals.view(bits) != seed_vals.view(bits)))
