@@ -364,8 +364,9 @@ SHARE(f64, 64, double, bits_f64, dist_d, )
 
 #ifdef __AVX512F__
 /* the part of a block of 16 both widths share: the keep mask (0 where the block must go entry by
- * entry: a tie at tau) */
+ * entry: positions not consecutive, or a tie at tau) */
 static inline int cut_block(const int64_t *pos, const float *val, int64_t j, float tau, __mmask16 *keep) {
+    if (pos[j + 15] - pos[j] != 15) return 0;
     __m512 v = _mm512_loadu_ps(val + j);
     if (_mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_EQ_OQ)) return 0;
     *keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_GT_OQ) & _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
@@ -381,7 +382,9 @@ static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, _
     return k + __builtin_popcount(m);
 }
 
-#define FAST_CUT_32                                                                          \
+/* a block of 16 at once where cut_block allows, else entry by entry; MOVE: x and seed for the
+ * block's width (at: x at the block's first position, m: the keep mask) */
+#define FAST_CUT(MOVE)                                                                       \
     for (; j + 16 <= c; j += 16) {                                                           \
         __mmask16 m;                                                                         \
         if (!cut_block(pos, val, j, tau, &m)) {                                              \
@@ -389,50 +392,29 @@ static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, _
             j -= 16;                                                                         \
             continue;                                                                        \
         }                                                                                    \
-        uint32_t *at = x + pos[j];                                                           \
-        __m512i s = _mm512_loadu_si512((const void *)(seed + j)), cur;                       \
-        if (pos[j + 15] - pos[j] == 15) {                                                    \
-            cur = _mm512_loadu_si512((const void *)at);                                      \
-            _mm512_mask_storeu_epi32(at, (__mmask16)~m, s);                                  \
-        } else {                                                                             \
-            __m512i p0 = _mm512_loadu_si512((const void *)(pos + j));                        \
-            __m512i p1 = _mm512_loadu_si512((const void *)(pos + j + 8));                    \
-            __m256i s0 = _mm512_castsi512_si256(s), s1 = _mm512_extracti64x4_epi64(s, 1);   \
-            cur = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(p0, x, 4)), \
-                                     _mm512_i64gather_epi32(p1, x, 4), 1);                   \
-            _mm512_mask_i64scatter_epi32(x, (__mmask8)~m, p0, s0, 4);                        \
-            _mm512_mask_i64scatter_epi32(x, (__mmask8)(~m >> 8), p1, s1, 4);                 \
-        }                                                                                    \
-        diff += __builtin_popcount(m & _mm512_cmpneq_epi32_mask(cur, s));                    \
-        _mm512_storeu_si512((void *)(seed + k), _mm512_maskz_compress_epi32(m, s));          \
+        U *at = x + pos[j];                                                                  \
+        MOVE                                                                                 \
         k = cut_pack(pos, val, j, k, m);                                                     \
     }
+#define MOVE_32                                                                              \
+    __m512i s = _mm512_loadu_si512((const void *)(seed + j));                                \
+    __m512i cur = _mm512_loadu_si512((const void *)at);                                      \
+    _mm512_mask_storeu_epi32(at, (__mmask16)~m, s);                                          \
+    diff += __builtin_popcount(m & _mm512_cmpneq_epi32_mask(cur, s));                        \
+    _mm512_storeu_si512((void *)(seed + k), _mm512_maskz_compress_epi32(m, s));
+#define FAST_CUT_32 FAST_CUT(MOVE_32)
 #else
 #define FAST_CUT_32
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define FAST_CUT_16                                                                          \
-    for (; j + 16 <= c; j += 16) {                                                           \
-        __mmask16 m;                                                                         \
-        if (!cut_block(pos, val, j, tau, &m)) {                                              \
-            for (int64_t e = j + 16; j < e; j++) CUT_ONE                                     \
-            j -= 16;                                                                         \
-            continue;                                                                        \
-        }                                                                                    \
-        if (pos[j + 15] - pos[j] != 15) {                                                    \
-            for (int64_t e = j + 16; j < e; j++) CUT_ONE                                     \
-            j -= 16;                                                                         \
-            continue;                                                                        \
-        }                                                                                    \
-        uint16_t *at = x + pos[j];                                                           \
-        __m256i s = _mm256_loadu_si256((const __m256i *)(seed + j));                         \
-        __m256i cur = _mm256_loadu_si256((const __m256i *)at);                               \
-        _mm256_mask_storeu_epi16(at, (__mmask16)~m, s);                                      \
-        diff += __builtin_popcount(m & _mm256_cmpneq_epi16_mask(cur, s));                    \
-        __m512i s32 = _mm512_maskz_compress_epi32(m, _mm512_cvtepu16_epi32(s));              \
-        _mm256_storeu_si256((__m256i *)(seed + k), _mm512_cvtepi32_epi16(s32));              \
-        k = cut_pack(pos, val, j, k, m);                                                     \
-    }
+#define MOVE_16                                                                              \
+    __m256i s = _mm256_loadu_si256((const __m256i *)(seed + j));                             \
+    __m256i cur = _mm256_loadu_si256((const __m256i *)at);                                   \
+    _mm256_mask_storeu_epi16(at, (__mmask16)~m, s);                                          \
+    diff += __builtin_popcount(m & _mm256_cmpneq_epi16_mask(cur, s));                        \
+    __m512i s32 = _mm512_maskz_compress_epi32(m, _mm512_cvtepu16_epi32(s));                  \
+    _mm256_storeu_si256((__m256i *)(seed + k), _mm512_cvtepi32_epi16(s32));
+#define FAST_CUT_16 FAST_CUT(MOVE_16)
 #else
 #define FAST_CUT_16
 #endif

@@ -3,7 +3,8 @@
 On the CPU the projection is bound by passes over memory: torch computes the distances, then
 compares, gathers and copies, each a pass of its own. kernels.c fuses them (distances and the
 candidates above a threshold in one pass, without a distance tensor; the kept set and the reset in
-another) and gives the same bits. select.py and engine.py call them where they serve (a CPU tensor
+another; for the global silo, a tensor's share of the pool with the reset in one pass and each
+cut of the pool in one pass a tensor) and gives the same bits. select.py and engine.py call them where they serve (a CPU tensor
 of float32, bfloat16 or float64, laid out contiguously) and take their torch paths otherwise.
 
 The first call compiles kernels.c with the machine's C compiler (`$CC`, else `cc`; -O3
