@@ -325,3 +325,23 @@ def test_an_unwritable_cache_builds_in_a_temp_folder(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     ok, path = out.stdout.split()
     assert ok == "True" and path.startswith(str(tmp_path / "dstcli-")), out.stderr
+
+
+@pytest.mark.skipif(os.environ.get("DSTCLI_PORTABLE_RUN") == "1", reason="this is the portable build's run")
+def test_the_portable_build_gives_the_same_bits(tmp_path):
+    """A compiler that refuses -march=native (as for a CPU it does not know) gets the portable
+    build: no AVX-512, only the scalar loops, which the other tests here reach only in tails and
+    ties on a CPU with AVX-512. This file's tests, run again on that build, all pass."""
+    log = tmp_path / "cc.log"
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\n"
+                  f'echo "$@" >> "{log}"\n'
+                  'for a; do [ "$a" = "-march=native" ] && exit 1; done\n'
+                  f'exec {os.environ.get("CC") or "cc"} "$@"\n')
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "DSTCLI_CACHE": str(tmp_path / "cache"), "DSTCLI_PORTABLE_RUN": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    builds = [ln for ln in log.read_text().splitlines() if "kernels.c" in ln]
+    assert "-march=native" in builds[0] and "-march=native" not in builds[1]  # refused, then portable
