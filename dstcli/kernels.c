@@ -9,6 +9,8 @@
  *   dst_sample_*  the same distances at every stride-th position only
  *   dst_split_*   candidates' distances above hi counted, the others copied out (the bracket)
  *   dst_bracket_* values in [lo, hi] copied out, the ones above hi counted (a pool's bracket)
+ *   dst_rows_above_* row silos' kept positions once each row's k-th largest distance is known:
+ *                 the flat positions at or above their row's value, ascending
  *   dst_keep_*    the kept candidates: above tau, then ties at tau from the lowest position while
  *                 `need` lasts, never a distance <= 0 (select.py's tie rule)
  *   dst_reset_*   x back to x0 except at ascending positions idx; the values there before (of x
@@ -470,3 +472,44 @@ CUT(f64, double, 64, )
 
 BRACKET(f32, float, FAST_BRACKET_F32)
 BRACKET(f64, double, )
+
+/* dst_rows_above_*: d is (R, m); the flat positions of entries >= tau[row], ascending, into pos
+ * (room for cap + 16); cap + 1 once more than cap are found (a tie at some row's tau) */
+#ifdef __AVX512F__
+#define FAST_ROWS_F32                                                                        \
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);                          \
+    __m512 t16 = _mm512_set1_ps(t);                                                          \
+    for (; j + 16 <= m && c + 16 <= cap; j += 16) {                                          \
+        __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), t16, _CMP_GE_OQ);         \
+        if (!k) continue;                                                                    \
+        __m512i p0 = _mm512_add_epi64(_mm512_set1_epi64(r * m + j), lanes);                  \
+        __m512i p1 = _mm512_add_epi64(p0, _mm512_set1_epi64(8));                             \
+        __mmask8 k0 = (__mmask8)k, k1 = (__mmask8)(k >> 8);                                  \
+        _mm512_storeu_si512((void *)(pos + c), _mm512_maskz_compress_epi64(k0, p0));          \
+        _mm512_storeu_si512((void *)(pos + c + __builtin_popcount(k0)), _mm512_maskz_compress_epi64(k1, p1)); \
+        c += __builtin_popcount(k);                                                          \
+    }
+#else
+#define FAST_ROWS_F32
+#endif
+
+#define ROWS_ABOVE(SUF, D, FAST)                                                             \
+    int64_t dst_rows_above_##SUF(const D *d, int64_t R, int64_t m, const D *tau, int64_t *pos, \
+                                 int64_t cap) {                                              \
+        int64_t c = 0;                                                                       \
+        for (int64_t r = 0; r < R; r++) {                                                    \
+            const D *row = d + r * m;                                                        \
+            D t = tau[r];                                                                    \
+            int64_t j = 0;                                                                   \
+            FAST                                                                             \
+            for (; j < m; j++) {                                                             \
+                pos[c] = r * m + j;                                                          \
+                c += row[j] >= t;                                                            \
+                if (c > cap) return cap + 1;                                                 \
+            }                                                                                \
+        }                                                                                    \
+        return c;                                                                            \
+    }
+
+ROWS_ABOVE(f32, float, FAST_ROWS_F32)
+ROWS_ABOVE(f64, double, )

@@ -130,6 +130,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = I, [P, P, I, real, I, P, P]
         f = getattr(lib, f"dst_bracket_{suf}")
         f.restype, f.argtypes = I, [P, I, real, real, P, P]
+        f = getattr(lib, f"dst_rows_above_{suf}")
+        f.restype, f.argtypes = I, [P, I, I, P, P, I]
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_share_{suf}")
         f.restype, f.argtypes = I, [P, P, I, C, real, C, P, P, P, I, P]
@@ -210,6 +212,18 @@ def bracket(val: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, int]:
     m = getattr(_state["lib"], f"dst_bracket_{_SUFFIX[torch.float64 if val.dtype == np.float64 else torch.float32]}")(
         val.ctypes.data, len(val), lo, hi, inside.ctypes.data, ctypes.byref(above))
     return inside[:m], above.value
+
+
+def rows_above(d: np.ndarray, tau: np.ndarray, cap: int) -> np.ndarray | None:
+    """For row silos' distances d (R, m; float32 or float64, C-contiguous) and each row's
+    threshold tau (R values, d's dtype): the ascending flat positions of the entries at or above
+    their row's tau, in one pass; None when more than `cap` are (nothing else is done then)."""
+    R, m = d.shape
+    pos = np.empty(cap + 16, dtype=np.int64)
+    tau = np.ascontiguousarray(tau, dtype=d.dtype)
+    c = getattr(_state["lib"], f"dst_rows_above_{'f64' if d.dtype == np.float64 else 'f32'}")(
+        d.ctypes.data, R, m, tau.ctypes.data, pos.ctypes.data, cap)
+    return None if c > cap else pos[:c]
 
 
 def keep(pos: torch.Tensor, val: torch.Tensor, tau: float, need: int,

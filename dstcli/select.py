@@ -302,6 +302,8 @@ def _rows_top(d: torch.Tensor, k: torch.Tensor, kk: int) -> torch.Tensor:
     """rows_indices with one budget kk for every row, by torch.topk along the rows."""
     vals, idx = torch.topk(d, kk, dim=1, sorted=False)
     a, tau = d.numpy(), vals.min(1, keepdim=True).values.numpy()
+    if kernels.lib() is not None and a.flags.c_contiguous:
+        return _rows_fused(a, k.numpy(), tau)
     if not _rows_exact(a >= tau, tau, kk * d.shape[0]):
         return _rows_settle_numpy(a, k.numpy(), tau)
     pos = np.sort(idx.numpy(), axis=1)
@@ -318,10 +320,24 @@ def _rows_partition(d: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         tau = np.sort(a, axis=1)[np.arange(R), m - kn][:, None]
     else:
         tau = np.partition(a, np.unique(m - kn), axis=1)[np.arange(R), m - kn][:, None]
+    if kernels.lib() is not None and a.flags.c_contiguous:
+        return _rows_fused(a, kn, tau)
     mask = a >= tau
     if not _rows_exact(mask, tau, int(kn.sum())):
         return _rows_settle_numpy(a, kn, tau)
     return torch.from_numpy(np.flatnonzero(mask))
+
+
+def _rows_fused(a: np.ndarray, k: np.ndarray, tau: np.ndarray) -> torch.Tensor:
+    """The kept positions of rows a (R, m) whose k-th largest values are tau (R, 1), on the
+    kernels: the entries at or above tau, in one pass, where that is exactly k a row (every tau
+    positive and no tie at it: each row has at least k there, so a total of sum(k) says so);
+    else the tie rule (`_rows_settle_numpy`)."""
+    if bool((tau > 0).all()):
+        pos = kernels.rows_above(a, tau.reshape(-1), int(k.sum()))
+        if pos is not None:
+            return torch.from_numpy(pos)
+    return _rows_settle_numpy(a, k, tau)
 
 
 def _rows_exact(mask: np.ndarray, tau: np.ndarray, total: int) -> bool:

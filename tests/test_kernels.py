@@ -201,6 +201,18 @@ def test_cut_keeps_the_pools_top_k(sizes, frac, quantized, types, layout, seed):
     assert left[0] == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 512), (37, 203), (5, 16), (300, 7)])
+def test_rows_above_is_the_mask_of_each_rows_threshold(dtype, shape):
+    g = np.random.default_rng(6)
+    a = np.ceil(g.exponential(1.0, shape) * 8).astype(dtype) / 8  # ties at many thresholds
+    tau = a[np.arange(shape[0]), g.integers(0, shape[1], shape[0])][:, None]
+    want = np.flatnonzero(a >= tau)
+    assert np.array_equal(kernels.rows_above(a, tau.ravel(), len(want)), want)
+    assert np.array_equal(kernels.rows_above(a, tau.ravel(), a.size), want)
+    assert kernels.rows_above(a, tau.ravel(), len(want) - 1) is None
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["absolute", "relative"])
 def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind):
