@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from dstcli import kernels
 from dstcli.engine import DST
-from dstcli.select import DISTANCES, distance, kth_largest, sample_bracket, top_indices, top_positions
+from dstcli.select import DISTANCES, distance, kth_largest, rows_indices, sample_bracket, top_indices, top_positions
 
 pytestmark = pytest.mark.skipif(kernels.lib() is None, reason=f"no CPU kernels here: {kernels.why()}")
 
@@ -145,9 +146,11 @@ def test_kth_largest_is_the_sorted_kth(sizes, frac, quantized, dtype, seed):
     if len(every) < 2:
         return
     k = 1 + int(frac * (len(every) - 2))  # 1 .. m - 1
-    tau, need = kth_largest(parts, k)
     ranked = np.sort(every)[::-1]
-    assert tau == ranked[k - 1] and need == k - int(np.count_nonzero(every > ranked[k - 1]))
+    want = (ranked[k - 1], k - int(np.count_nonzero(every > ranked[k - 1])))
+    assert kth_largest(parts, k) == want
+    with mock.patch.dict(kernels._state, {"lib": None}):  # NumPy's compares instead of dst_bracket_*
+        assert kth_largest(parts, k) == want
 
 
 def test_kth_largest_when_the_sample_misleads():
@@ -211,6 +214,24 @@ def test_rows_above_is_the_mask_of_each_rows_threshold(dtype, shape):
     assert np.array_equal(kernels.rows_above(a, tau.ravel(), len(want)), want)
     assert np.array_equal(kernels.rows_above(a, tau.ravel(), a.size), want)
     assert kernels.rows_above(a, tau.ravel(), len(want) - 1) is None
+
+
+@pytest.mark.parametrize("budgets", ["one", "several"])
+@pytest.mark.parametrize("case", ["rand", "ties", "zeros"])
+@pytest.mark.parametrize("shape", [(256, 512), (64, 2048), (300, 33)])
+def test_rows_indices_is_the_same_without_kernels(budgets, case, shape):
+    g = np.random.default_rng(7)
+    a = g.exponential(1.0, shape).astype(np.float32)
+    if case == "ties":
+        a = np.ceil(a * 4) / 4
+    elif case == "zeros":
+        a[: shape[0] // 2, 3:] = 0  # rows with fewer positive distances than their budget
+    for frac in (0.01, 0.1, 0.3):
+        k = max(1, int(frac * shape[1]))
+        ks = torch.full((shape[0],), k) if budgets == "one" else torch.from_numpy(g.integers(1, k + 2, shape[0]) // 2 * 2 + 1)
+        got = rows_indices(torch.from_numpy(a), ks)
+        with mock.patch.dict(kernels._state, {"lib": None}):
+            assert torch.equal(got, rows_indices(torch.from_numpy(a), ks))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
