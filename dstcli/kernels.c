@@ -191,6 +191,23 @@ SAMPLE(f32, float, float, AS_IS, dist_f)
 SAMPLE(bf16, uint16_t, float, AS_BF16, dist_f)
 SAMPLE(f64, double, double, AS_IS, dist_d)
 
+/* select.py's tie rule for the candidate w with the current tau and `need` (ties at tau that
+ * still fit, counted down): keep it if above tau, or at tau while need lasts, never at <= 0 */
+#define TIE_RULE(w)                                                                          \
+    int eq = (w) == tau;                                                                     \
+    int keep = (((w) > tau) | (eq & (need > 0))) & ((w) > 0);                                \
+    need -= eq & keep;
+
+/* dst_keep_*'s step for candidate j (branch-free: written at slot k, which moves on if kept) */
+#define KEEP_ONE(T)                                                                          \
+    {                                                                                        \
+        T w = val[j];                                                                        \
+        TIE_RULE(w)                                                                          \
+        kpos[k] = pos[j];                                                                    \
+        if (kval) kval[k] = w;                                                               \
+        k += keep;                                                                           \
+    }
+
 #define SPLIT_KEEP(SUF, D, FAST_SPLIT, FAST_KEEP)                                           \
     int64_t dst_split_##SUF(const D *val, int64_t c, D hi, D *inside) {                      \
         int64_t m = 0, j = 0;                                                                \
@@ -205,15 +222,7 @@ SAMPLE(f64, double, double, AS_IS, dist_d)
                            int64_t *kpos, D *kval) {                                         \
         int64_t k = 0, j = 0;                                                                \
         FAST_KEEP                                                                            \
-        for (; j < c; j++) {                                                                 \
-            D v = val[j];                                                                    \
-            int eq = v == tau;                                                               \
-            int keep = ((v > tau) | (eq & (need > 0))) & (v > 0);                            \
-            need -= eq & keep;                                                               \
-            kpos[k] = pos[j];                                                                \
-            if (kval) kval[k] = v;                                                           \
-            k += keep;                                                                       \
-        }                                                                                    \
+        for (; j < c; j++) KEEP_ONE(D)                                                       \
         return k;                                                                            \
     }
 
@@ -230,15 +239,7 @@ SAMPLE(f64, double, double, AS_IS, dist_d)
     for (; j + 16 <= c; j += 16) {                                                           \
         __m512 v = _mm512_loadu_ps(val + j);                                                 \
         if (_mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_EQ_OQ)) {                        \
-            for (int64_t e = j + 16; j < e; j++) {                                           \
-                float w = val[j];                                                              \
-                int eq = w == tau;                                                           \
-                int keep = ((w > tau) | (eq & (need > 0))) & (w > 0);                        \
-                need -= eq & keep;                                                           \
-                kpos[k] = pos[j];                                                            \
-                if (kval) kval[k] = w;                                                       \
-                k += keep;                                                                   \
-            }                                                                                \
+            for (int64_t e = j + 16; j < e; j++) KEEP_ONE(float)                             \
             j -= 16;                                                                         \
             continue;                                                                        \
         }                                                                                    \
@@ -299,35 +300,33 @@ static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f;
 static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return f; }
 
 #ifdef __AVX512F__
-#define SHARE16_F32                                                                          \
+/* dst_share_*'s 16-wide part for the types whose distances are float32: LOAD16 widens 16 of x or
+ * x0 to float32, RESET sets x to x0 outside the mask m, SEED packs x0's kept values (b) at slot c */
+#define SHARE16(LOAD16, RESET, SEED)                                                         \
     const __m512 vlo = _mm512_set1_ps(lo);                                                   \
     for (; i + 16 <= n && c + 16 <= cap; i += 16) {                                          \
-        __m512 a = _mm512_loadu_ps((const float *)x + i), b = _mm512_loadu_ps((const float *)x0 + i); \
+        __m512 a = LOAD16(x + i), b = LOAD16(x0 + i);                                        \
         __m512 d = dist_v16(a, b, kind);                                                     \
         __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ); \
-        _mm512_mask_storeu_ps((float *)x + i, (__mmask16)~m, b);                             \
+        RESET                                                                                \
         if (!m) continue;                                                                    \
         diff += __builtin_popcount(m & _mm512_cmpneq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b))); \
-        _mm512_storeu_ps((float *)seed + c, _mm512_maskz_compress_ps(m, b));                 \
+        SEED                                                                                 \
         c = pack16(d, m, i, c, pos, val);                                                    \
     }
+#define LOAD16_U32(p) _mm512_loadu_ps((const float *)(p))
+#define SHARE16_F32                                                                          \
+    SHARE16(LOAD16_U32, _mm512_mask_storeu_ps((float *)x + i, (__mmask16)~m, b);,            \
+            _mm512_storeu_ps((float *)seed + c, _mm512_maskz_compress_ps(m, b));)
 #else
 #define SHARE16_F32
 #endif
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
 #define SHARE16_BF16                                                                         \
-    const __m512 vlo = _mm512_set1_ps(lo);                                                   \
-    for (; i + 16 <= n && c + 16 <= cap; i += 16) {                                          \
-        __m512 a = load16_bf16(x + i), b = load16_bf16(x0 + i);                              \
-        __m512 d = dist_v16(a, b, kind);                                                     \
-        __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ); \
-        _mm256_mask_storeu_epi16(x + i, (__mmask16)~m, _mm256_loadu_si256((const __m256i *)(x0 + i))); \
-        if (!m) continue;                                                                    \
-        diff += __builtin_popcount(m & _mm512_cmpneq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b))); \
-        __m512i sb = _mm512_srli_epi32(_mm512_castps_si512(_mm512_maskz_compress_ps(m, b)), 16); \
-        _mm256_storeu_si256((__m256i *)(seed + c), _mm512_cvtepi32_epi16(sb));               \
-        c = pack16(d, m, i, c, pos, val);                                                    \
-    }
+    SHARE16(load16_bf16,                                                                     \
+            _mm256_mask_storeu_epi16(x + i, (__mmask16)~m, _mm256_loadu_si256((const __m256i *)(x0 + i)));, \
+            _mm256_storeu_si256((__m256i *)(seed + c), _mm512_cvtepi32_epi16(               \
+                _mm512_srli_epi32(_mm512_castps_si512(_mm512_maskz_compress_ps(m, b)), 16)));)
 #else
 #define SHARE16_BF16
 #endif
@@ -353,9 +352,7 @@ SHARE(f64, 64, double, bits_f64, dist_d, )
         V v = val[j];                                                                        \
         int64_t p = pos[j];                                                                  \
         U s = seed[j], cur = x[p];                                                           \
-        int eq = v == tau;                                                                   \
-        int keep = ((v > tau) | (eq & (need > 0))) & (v > 0);                                \
-        need -= eq & keep;                                                                   \
+        TIE_RULE(v)                                                                          \
         x[p] = keep ? cur : s;                                                               \
         pos[k] = p;                                                                          \
         seed[k] = s;                                                                         \

@@ -204,12 +204,17 @@ def split(val: torch.Tensor, hi: float) -> tuple[np.ndarray, int]:
     return inside[:m].numpy(), len(val) - m
 
 
+def _np_suffix(a: np.ndarray) -> str:
+    """The kernels' suffix for a NumPy array of distances (float32 or float64)."""
+    return "f64" if a.dtype == np.float64 else "f32"
+
+
 def bracket(val: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, int]:
     """Of values (float32 or float64, contiguous), the ones in [lo, hi] copied out, and how many
     are above hi."""
     inside = np.empty(len(val) + 16, dtype=val.dtype)
     above = ctypes.c_int64(0)
-    m = getattr(_state["lib"], f"dst_bracket_{_SUFFIX[torch.float64 if val.dtype == np.float64 else torch.float32]}")(
+    m = getattr(_state["lib"], f"dst_bracket_{_np_suffix(val)}")(
         val.ctypes.data, len(val), lo, hi, inside.ctypes.data, ctypes.byref(above))
     return inside[:m], above.value
 
@@ -221,7 +226,7 @@ def rows_above(d: np.ndarray, tau: np.ndarray, cap: int) -> np.ndarray | None:
     R, m = d.shape
     pos = np.empty(cap + 16, dtype=np.int64)
     tau = np.ascontiguousarray(tau, dtype=d.dtype)
-    c = getattr(_state["lib"], f"dst_rows_above_{'f64' if d.dtype == np.float64 else 'f32'}")(
+    c = getattr(_state["lib"], f"dst_rows_above_{_np_suffix(d)}")(
         d.ctypes.data, R, m, tau.ctypes.data, pos.ctypes.data, cap)
     return None if c > cap else pos[:c]
 
@@ -246,7 +251,6 @@ def reset(x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor) -> tuple[torch.T
     getattr(_state["lib"], f"dst_reset_{_BITS[x.element_size()]}")(
         x.data_ptr(), x0.data_ptr(), x.numel(), idx.data_ptr(), len(idx), kx.data_ptr(), kx0.data_ptr())
     return kx, kx0
-
 
 
 def share(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float, strict: bool,
@@ -275,9 +279,9 @@ def cut(x: torch.Tensor, pos: torch.Tensor, seed: torch.Tensor, val: torch.Tenso
     """One tensor's share of a global silo's pool cut at tau: of its candidates (ascending int64
     positions in x, x0's values there, their distances, float32 or float64) those above tau stay,
     then those equal to tau while `need` lasts (one int64 in a NumPy array, counted down in place:
-    the pool's parts share it, in order), never a distance <= 0; the others are set back to their x0 values in x. pos, seed and
-    val are compacted in place; returns how many stay and how many of those differ from x0. x:
-    `serves`, flat."""
+    the pool's parts share it, in order), never a distance <= 0; the others are set back to their
+    x0 values in x. pos, seed and val are compacted in place; returns how many stay and how many
+    of those differ from x0. x: `serves`, flat."""
     differ = ctypes.c_int64(0)
     k = getattr(_state["lib"], f"dst_cut_{_SUFFIX[val.dtype]}_{_BITS[x.element_size()]}")(
         x.data_ptr(), pos.data_ptr(), seed.data_ptr(), val.data_ptr(), len(pos), tau, need.ctypes.data,

@@ -142,13 +142,8 @@ def top_positions(x: torch.Tensor, x0: torch.Tensor, k: int, kind: str = "absolu
     if not 0 < k < m or m < SAMPLED_MIN or not kernels.serves(x, x0):
         return None
     flat, flat0 = x.view(-1), x0.view(-1)
-    # a strided sample misses the cache at every value: 1 in 256 here (4,096 to 65,536 values);
-    # the wider bracket costs a larger partition, far less than the misses it saves
-    stride, j_lo, j_hi = sample_bracket(m, k, max(4096, min(_SAMPLE, m // 256)))
-    sample = kernels.sample(flat, flat0, kind, stride)  # the bracket: its j_lo-th and j_hi-th largest
-    s = len(sample)
-    sample.partition([s - j_lo, s - max(j_hi, 1)])
-    lo, hi = float(sample[s - j_lo]), (float(sample[s - j_hi]) if j_hi >= 1 else float("inf"))
+    stride, j_lo, j_hi = _sparse_bracket(m, k)
+    lo, hi, ties = _sample_ends(kernels.sample(flat, flat0, kind, stride), j_lo, j_hi)
     # no cap below m: with quantized distances (bf16) the count at lo can be far above the
     # sample's estimate, and only the pages the candidates fill are ever touched
     pos, val = kernels.candidates(flat, flat0, kind, lo, False, m)
@@ -157,10 +152,31 @@ def top_positions(x: torch.Tensor, x0: torch.Tensor, k: int, kind: str = "absolu
     inside, n_above = kernels.split(val, hi)
     if n_above >= k:
         return None
-    j = len(inside) - (k - n_above)  # tau: the (k - n_above)-th largest inside the bracket
-    tau = _nth(inside, j, _tied(sample[s - j_lo:s - max(j_hi, 0)]))
-    need = k - n_above - int(np.count_nonzero(inside > tau))  # ties at tau that still fit
-    return kernels.keep(pos, val, float(tau), need)[0]
+    tau, need = _kth_inside(inside, n_above, k, ties)
+    return kernels.keep(pos, val, tau, need)[0]
+
+
+def _sparse_bracket(m: int, k: int) -> tuple[int, int, int]:
+    """sample_bracket for samples taken 1 in 256 (4,096 to 65,536 values): a strided sample misses
+    the cache at every value, and the wider bracket costs a larger partition, far less than the
+    misses it saves."""
+    return sample_bracket(m, k, max(4096, min(_SAMPLE, m // 256)))
+
+
+def _sample_ends(sample: np.ndarray, j_lo: int, j_hi: int) -> tuple[float, float, bool]:
+    """A sample's j_lo-th and j_hi-th largest values (the bracket's ends; hi = inf where j_hi < 1)
+    and whether its values inside the bracket repeat (`_tied`). Partitions the sample in place."""
+    s = len(sample)
+    sample.partition([s - j_lo, s - max(j_hi, 1)])
+    hi = float(sample[s - j_hi]) if j_hi >= 1 else float("inf")
+    return float(sample[s - j_lo]), hi, _tied(sample[s - j_lo:s - max(j_hi, 0)])
+
+
+def _kth_inside(inside: np.ndarray, n_above: int, k: int, ties: bool) -> tuple[float, int]:
+    """The k-th largest of values of which n_above (< k) lie above a bracket and `inside` within
+    it, and how many of the k largest equal it (the ties at it that still fit)."""
+    tau = _nth(inside, len(inside) - (k - n_above), ties)
+    return float(tau), k - n_above - int(np.count_nonzero(inside > tau))
 
 
 def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int]:
@@ -172,15 +188,12 @@ def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int]:
     sample that misled costs a partition of everything instead."""
     m = sum(len(p) for p in parts)
     if m > _SAMPLE:
-        stride, j_lo, j_hi = sample_bracket(m, k, max(4096, min(_SAMPLE, m // 256)))
+        stride, j_lo, j_hi = _sparse_bracket(m, k)
         picks, start = [], 0
         for p in parts:
             picks.append(p[(-start) % stride::stride])
             start += len(p)
-        sample = np.concatenate(picks)
-        s = len(sample)
-        sample.partition([s - j_lo, s - max(j_hi, 1)])
-        lo, hi = float(sample[s - j_lo]), (float(sample[s - j_hi]) if j_hi >= 1 else float("inf"))
+        lo, hi, ties = _sample_ends(np.concatenate(picks), j_lo, j_hi)
         if kernels.lib() is not None:
             got = [kernels.bracket(np.ascontiguousarray(p), lo, hi) for p in parts]
             inside, n_above = np.concatenate([g[0] for g in got]), sum(g[1] for g in got)
@@ -189,8 +202,7 @@ def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int]:
             above = cand > cand.dtype.type(hi)
             inside, n_above = cand[~above], int(np.count_nonzero(above))
         if len(inside) + n_above >= k and n_above < k:  # else the sample misled
-            tau = _nth(inside, len(inside) - (k - n_above), _tied(sample[s - j_lo:s - max(j_hi, 0)]))
-            return float(tau), k - n_above - int(np.count_nonzero(inside > tau))
+            return _kth_inside(inside, n_above, k, ties)
     every = np.concatenate(parts)
     tau = _nth(every, m - k, False)
     return float(tau), k - int(np.count_nonzero(every > tau))
