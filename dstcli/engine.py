@@ -50,7 +50,7 @@ from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
 from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, kth_largest, positions_above, rows_indices, rows_keep,
-                           segments_keep, top_indices, top_positions)
+                           segments_keep, sparse_bracket, top_indices, top_positions)
 from dstcli.silos import allocate, budget_total, silo_rows
 
 
@@ -244,6 +244,7 @@ class DST:
         self._nonseed: dict[str, torch.Tensor | int] = {}
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
+        self._work: dict = {}  # kernels.top's scratch memory, reused from tensor to tensor
         if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
             sizes = [p.numel() for p in self.params.values()]
             batched = (all(p.device.type == "cuda" for p in self.params.values())
@@ -679,9 +680,7 @@ class DST:
         p = self.params[name].detach()
         rows = silo_rows(self.shapes[name], self.silo)
         k = int(self.alloc[name][0])
-        idx = top_positions(p, seed, k, self.distance) if rows == 1 and self.gather is None else None
-        if idx is not None:  # fused on the CPU, no distance tensor
-            self._reset_outside(name, seed, idx)
+        if rows == 1 and self.gather is None and self._top_fused(name, seed, k):
             return
         d = distance(p, seed, self.distance)
         if rows == 1:
@@ -695,6 +694,21 @@ class DST:
             idx = rows_indices(d.view(local, row_len), self.alloc[name][first:first + local])
         del d
         self._reset_outside(name, seed, idx)
+
+    def _top_fused(self, name: str, seed: torch.Tensor, k: int) -> bool:
+        """A tensor silo's selection and reset in one call on the CPU kernels (kernels.top: the
+        sampled bracket of select.top_positions, no distance tensor); False where they do not
+        serve (as top_positions) or the sample misled, having changed nothing."""
+        p = self.params[name].detach()
+        m = p.numel()
+        if not (0 < k < m and m >= SAMPLED_MIN and kernels.serves(p, seed)):
+            return False
+        got = kernels.top(p.view(-1), seed.view(-1), self.distance, k, *sparse_bracket(m, k), work=self._work)
+        if got is None:
+            return False
+        idx, seed_vals, self._nonseed[name] = got
+        self.kept[name] = _Kept(idx, seed_vals)
+        return True
 
     def _agree(self, vals: torch.Tensor, idx: torch.Tensor, offset: int, k: int, n: int) -> torch.Tensor:
         """The local positions of a silo's top-k when each process offers its own top-k

@@ -18,6 +18,10 @@
  *   dst_share_*   a global silo's tensor in one pass: the candidates as dst_cand_* finds them
  *                 (positions, distances, x0's values there) kept, every other entry of x set to
  *                 x0; counts the candidates whose bits differ from x0's
+ *   dst_kth_*     the j-th smallest of an array of distances (a quickselect)
+ *   dst_top_*     a tensor silo's whole projection: the sample, the bracket, the candidates, the
+ *                 k-th largest and the tie rule as select.top_positions, then the reset as
+ *                 dst_reset_*, counting the kept values that differ from x0
  *   dst_cut_*     a global silo's pool cut, one tensor's share at a time: of its candidates the
  *                 ones above tau stay, then ties at tau while the shared `need` lasts (the pool is
  *                 cut in position order), never a distance <= 0; the others go back to their
@@ -27,6 +31,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -510,3 +515,129 @@ BRACKET(f64, double, )
 
 ROWS_ABOVE(f32, float, FAST_ROWS_F32)
 ROWS_ABOVE(f64, double, )
+
+/* dst_kth_*: the j-th smallest of a[0..n) (0 <= j < n) and how many values are above it (*above), by
+ * quickselect: each round counts the values below and above a median-of-three pivot, then copies
+ * them, apart, into the other buffer (a and tmp, each with room for n + 32: the values below the
+ * pivot at 0, the ones above it 16 further than their count, so 16-wide stores never overlap),
+ * and goes on with the side that holds the j-th; it ends where that is the pivot itself. Branch-
+ * free, 16 values at a time with AVX-512 (a quickselect swapping in place mispredicted its
+ * branches, 15x slower than NumPy's partition here); a sort (qsort) of what is left after
+ * max_rounds (64 for kth_*), so no input takes quadratic time. a is overwritten. */
+#ifdef __AVX512F__
+#define FAST_COUNT_F32                                                                       \
+    for (; i + 16 <= n; i += 16) {                                                           \
+        __m512 v = _mm512_loadu_ps(src + i);                                                 \
+        lt += __builtin_popcount(_mm512_cmp_ps_mask(v, _mm512_set1_ps(p), _CMP_LT_OQ));      \
+        gt += __builtin_popcount(_mm512_cmp_ps_mask(v, _mm512_set1_ps(p), _CMP_GT_OQ));      \
+    }
+#define FAST_APART_F32                                                                       \
+    for (; i + 16 <= n; i += 16) {                                                           \
+        __m512 v = _mm512_loadu_ps(src + i);                                                 \
+        __mmask16 ml = _mm512_cmp_ps_mask(v, _mm512_set1_ps(p), _CMP_LT_OQ);                 \
+        __mmask16 mg = _mm512_cmp_ps_mask(v, _mm512_set1_ps(p), _CMP_GT_OQ);                 \
+        _mm512_storeu_ps(low + b, _mm512_maskz_compress_ps(ml, v));                          \
+        _mm512_storeu_ps(high + h, _mm512_maskz_compress_ps(mg, v));                         \
+        b += __builtin_popcount(ml);                                                         \
+        h += __builtin_popcount(mg);                                                         \
+    }
+#else
+#define FAST_COUNT_F32
+#define FAST_APART_F32
+#endif
+
+#define KTH(SUF, D, FAST_COUNT, FAST_APART)                                                  \
+    static int cmp_##SUF(const void *u, const void *v) {                                     \
+        D x = *(const D *)u, y = *(const D *)v;                                              \
+        return (x > y) - (x < y);                                                            \
+    }                                                                                        \
+    D dst_kth_##SUF(D *a, int64_t n, int64_t j, D *tmp, int64_t *above, int64_t max_rounds) { \
+        D *src = a, *dst = tmp, *spare = a;                                                  \
+        int64_t up = 0;                                                                      \
+        for (int64_t rounds = 0; n > 32 && rounds < max_rounds; rounds++) {                  \
+            D x = src[0], y = src[n / 2], z = src[n - 1];                                    \
+            D p = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));     \
+            int64_t lt = 0, gt = 0, i = 0;                                                   \
+            FAST_COUNT                                                                       \
+            for (; i < n; i++) {                                                             \
+                lt += src[i] < p;                                                            \
+                gt += src[i] > p;                                                            \
+            }                                                                                \
+            if (j >= lt && j < n - gt) {                                                     \
+                *above = up + gt;                                                            \
+                return p;                                                                    \
+            }                                                                                \
+            D *low = dst, *high = dst + lt + 16;                                             \
+            int64_t b = 0, h = 0;                                                            \
+            i = 0;                                                                           \
+            FAST_APART                                                                       \
+            for (; i < n; i++) {                                                             \
+                D v = src[i];                                                                \
+                low[b] = v;                                                                  \
+                b += v < p;                                                                  \
+                high[h] = v;                                                                 \
+                h += v > p;                                                                  \
+            }                                                                                \
+            D *was = spare; /* the buffer src was in is free now */                          \
+            spare = dst;                                                                     \
+            dst = was;                                                                       \
+            if (j < lt) {                                                                    \
+                up += n - lt;                                                                \
+                src = low;                                                                   \
+                n = lt;                                                                      \
+            } else {                                                                         \
+                j -= n - gt;                                                                 \
+                src = high;                                                                  \
+                n = gt;                                                                      \
+            }                                                                                \
+        }                                                                                    \
+        qsort(src, (size_t)n, sizeof(D), cmp_##SUF);                                         \
+        D t = src[j];                                                                        \
+        for (int64_t i = j + 1; i < n; i++) up += src[i] > t;                                \
+        *above = up;                                                                         \
+        return t;                                                                            \
+    }                                                                                        \
+    static inline D kth_##SUF(D *a, int64_t n, int64_t j, D *tmp, int64_t *above) {          \
+        return dst_kth_##SUF(a, n, j, tmp, above, 64);                                       \
+    }
+
+KTH(f32, float, FAST_COUNT_F32, FAST_APART_F32)
+KTH(f64, double, , )
+
+/* dst_top_*: a tensor silo's whole projection in one call, as select.top_positions and
+ * engine._reset_outside do it in several: the sample (every stride-th distance, into sbuf) gives
+ * the bracket [lo, hi] (its j_lo-th and j_hi-th largest; no upper end where j_hi < 1; sbuf: room
+ * for 2s + 64, s = ceil(n / stride)), one pass collects the candidates at or above lo (pos, val:
+ * room for n + 16), the ones inside the bracket (copied to inside: room for n + 32; tmp: room for
+ * max(n, 2s) + 32) give the k-th largest, tau, the tie rule the kept positions
+ * (kpos: room for k + 16; val then holds x's values there), and x goes back to x0 outside them (kx0: x0's values there; differ:
+ * how many kept values differ from them bit for bit). Returns how many are kept, or -1 where the
+ * sample misled (fewer than k at or above lo, or k or more above hi): x is untouched then. */
+#define TOP(SUF, T, D, BITS, DSUF)                                                           \
+    int64_t dst_top_##SUF(T *x, const T *x0, int64_t n, int kind, int64_t k, int64_t stride,  \
+                          int64_t j_lo, int64_t j_hi, D *sbuf, int64_t *pos, D *val, D *inside, \
+                          D *tmp, int64_t *kpos, T *kx0, int64_t *differ) {                  \
+        int64_t s = (n + stride - 1) / stride, above;                                        \
+        dst_sample_##SUF(x, x0, n, stride, kind, sbuf);                                      \
+        memcpy(sbuf + s + 32, sbuf, (size_t)s * sizeof(D));                                  \
+        D lo = kth_##DSUF(sbuf, s, s - j_lo, tmp, &above), hi = INFINITY;                    \
+        if (j_hi >= 1) hi = kth_##DSUF(sbuf + s + 32, s, s - j_hi, tmp, &above);             \
+        int64_t c = dst_cand_##SUF(x, x0, n, kind, lo, 0, pos, val, n);                      \
+        if (c < k) return -1;                                                                \
+        int64_t m = dst_split_##DSUF(val, c, hi, inside);                                    \
+        if (c - m >= k) return -1;                                                           \
+        D tau = kth_##DSUF(inside, m, m - (k - (c - m)), tmp, &above);                       \
+        int64_t need = k - (c - m) - above;                                                  \
+        int64_t kept = dst_keep_##DSUF(pos, val, c, tau, need, kpos, NULL);                  \
+        uint##BITS##_t *ux = (uint##BITS##_t *)x, *kx = (uint##BITS##_t *)val;               \
+        dst_reset_##BITS(ux, (const uint##BITS##_t *)x0, n, kpos, kept, kx, (uint##BITS##_t *)kx0); \
+        int64_t diff = 0;                                                                    \
+        const uint##BITS##_t *ks = (const uint##BITS##_t *)kx0;                              \
+        for (int64_t i = 0; i < kept; i++) diff += kx[i] != ks[i];                           \
+        *differ = diff;                                                                      \
+        return kept;                                                                         \
+    }
+
+TOP(f32, float, float, 32, f32)
+TOP(bf16, uint16_t, float, 16, f32)
+TOP(f64, double, double, 64, f64)

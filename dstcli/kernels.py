@@ -135,6 +135,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_share_{suf}")
         f.restype, f.argtypes = I, [P, P, I, C, real, C, P, P, P, I, P]
+    for suf, real in (("f32", F), ("f64", D)):
+        f = getattr(lib, f"dst_kth_{suf}")
+        f.restype, f.argtypes = real, [P, I, I, P, P, I]
+    for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
+        f = getattr(lib, f"dst_top_{suf}")
+        f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P, P]
     for bits in _BITS.values():
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
@@ -287,3 +293,54 @@ def cut(x: torch.Tensor, pos: torch.Tensor, seed: torch.Tensor, val: torch.Tenso
         x.data_ptr(), pos.data_ptr(), seed.data_ptr(), val.data_ptr(), len(pos), tau, need.ctypes.data,
         ctypes.byref(differ))
     return k, differ.value
+
+
+def kth(values: np.ndarray, j: int, rounds: int = 64) -> tuple[float, int]:
+    """The j-th smallest of values (float32 or float64, NaN-free; 0 <= j < len) and how many are
+    above it, by dst_kth_* on a copy (`rounds`: the quickselect's rounds before it sorts what is
+    left; dst_top_* uses 64)."""
+    a = np.empty(len(values) + 32, dtype=values.dtype)
+    a[:len(values)] = values
+    tmp = np.empty_like(a)
+    above = ctypes.c_int64(0)
+    t = getattr(_state["lib"], f"dst_kth_{_np_suffix(a)}")(a.ctypes.data, len(values), j, tmp.ctypes.data,
+                                                          ctypes.byref(above), rounds)
+    return t, above.value
+
+
+def _carve(work: dict | None, sizes: list[tuple[int, type]]) -> list[np.ndarray]:
+    """Arrays of the given lengths and dtypes, laid out in `work["buf"]` (grown when too small and
+    kept for the next call, so its pages are not faulted in again: a fresh allocation cost more
+    than the kernel on tensors of ~100K entries), or freshly allocated where work is None."""
+    if work is None:
+        return [np.empty(n, dtype=t) for n, t in sizes]
+    offsets, total = [], 0
+    for n, t in sizes:
+        offsets.append(total)
+        total += -(-n * np.dtype(t).itemsize // 64) * 64
+    buf = work.get("buf")
+    if buf is None or len(buf) < total:
+        buf = work["buf"] = np.empty(total, dtype=np.uint8)
+    return [buf[o:o + n * np.dtype(t).itemsize].view(t) for o, (n, t) in zip(offsets, sizes)]
+
+
+def top(x: torch.Tensor, x0: torch.Tensor, kind: str, k: int, stride: int, j_lo: int, j_hi: int,
+        work: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """A tensor silo's projection in one call: select.top_positions(x, x0, k, kind) with the
+    bracket of select.sparse_bracket (stride, j_lo, j_hi), then x set to x0 outside the kept
+    positions (bits moved). Returns the kept positions (ascending), x0's values there and how many
+    of the kept values differ from them bit for bit; None where the sample misled (x untouched:
+    the caller takes the other path). x and x0: `serves`, flat, 0 < k < x.numel(). `work`: a dict
+    the caller keeps to reuse the scratch memory between calls (see _carve)."""
+    n, s = x.numel(), -(-x.numel() // stride)
+    wide = np.float64 if x.dtype == torch.float64 else np.float32
+    pos, val, inside, tmp, sbuf = _carve(work, [(n + 16, np.int64), (n + 16, wide), (n + 32, wide),
+                                                (max(n, 2 * s) + 32, wide), (2 * s + 64, wide)])
+    kpos, kx0 = torch.empty(k + 16, dtype=torch.long), torch.empty(k + 16, dtype=x.dtype)
+    differ = ctypes.c_int64(0)
+    kept = getattr(_state["lib"], f"dst_top_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), x0.data_ptr(), n, KINDS[kind], k, stride, j_lo, j_hi, sbuf.ctypes.data, pos.ctypes.data,
+        val.ctypes.data, inside.ctypes.data, tmp.ctypes.data, kpos.data_ptr(), kx0.data_ptr(), ctypes.byref(differ))
+    if kept < 0:
+        return None
+    return kpos[:kept], kx0[:kept], differ.value

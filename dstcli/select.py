@@ -142,7 +142,7 @@ def top_positions(x: torch.Tensor, x0: torch.Tensor, k: int, kind: str = "absolu
     if not 0 < k < m or m < SAMPLED_MIN or not kernels.serves(x, x0):
         return None
     flat, flat0 = x.view(-1), x0.view(-1)
-    stride, j_lo, j_hi = _sparse_bracket(m, k)
+    stride, j_lo, j_hi = sparse_bracket(m, k)
     lo, hi, ties = _sample_ends(kernels.sample(flat, flat0, kind, stride), j_lo, j_hi)
     # no cap below m: with quantized distances (bf16) the count at lo can be far above the
     # sample's estimate, and only the pages the candidates fill are ever touched
@@ -156,7 +156,7 @@ def top_positions(x: torch.Tensor, x0: torch.Tensor, k: int, kind: str = "absolu
     return kernels.keep(pos, val, tau, need)[0]
 
 
-def _sparse_bracket(m: int, k: int) -> tuple[int, int, int]:
+def sparse_bracket(m: int, k: int) -> tuple[int, int, int]:
     """sample_bracket for samples taken 1 in 256 (4,096 to 65,536 values): a strided sample misses
     the cache at every value, and the wider bracket costs a larger partition, far less than the
     misses it saves."""
@@ -188,7 +188,7 @@ def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int]:
     sample that misled costs a partition of everything instead."""
     m = sum(len(p) for p in parts)
     if m > _SAMPLE:
-        stride, j_lo, j_hi = _sparse_bracket(m, k)
+        stride, j_lo, j_hi = sparse_bracket(m, k)
         picks, start = [], 0
         for p in parts:
             picks.append(p[(-start) % stride::stride])

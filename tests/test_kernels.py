@@ -14,7 +14,9 @@ from hypothesis import given, settings, strategies as st
 
 from dstcli import kernels
 from dstcli.engine import DST
-from dstcli.select import DISTANCES, distance, kth_largest, rows_indices, sample_bracket, top_indices, top_positions
+from dstcli.dtypes import bits_view
+from dstcli.select import (DISTANCES, distance, kth_largest, rows_indices, sample_bracket, sparse_bracket, top_indices,
+                           top_positions)
 
 pytestmark = pytest.mark.skipif(kernels.lib() is None, reason=f"no CPU kernels here: {kernels.why()}")
 
@@ -61,6 +63,65 @@ def test_top_positions_serves_ordinary_tensors(dtype, kind):
     for k in (1, 10, 1000, 10_000, 50_000):
         got = top_positions(x, x0, k, kind)
         assert got is not None and torch.equal(got, top_indices(distance(x, x0, kind), k))
+
+
+@given(st.integers(8192, 60_000), st.floats(1e-5, 0.999), st.sampled_from(DTYPES), st.sampled_from(DISTANCES),
+       st.sampled_from(["rand", "ties", "special", "fool"]), st.integers(0, 10_000), st.booleans())
+@settings(max_examples=120, deadline=None)
+def test_top_is_top_indices_then_reset(m, frac, dtype, kind, case, seed, reuse):
+    """dst_top_*: the kept positions of top_indices(distance()), x0's values there, x reset to x0
+    elsewhere (bits moved) and the count of kept values that differ from x0, in one call; where the
+    sample misled, None and x untouched."""
+    x, x0 = pair(m, dtype, case, seed)
+    k = max(1, min(m - 1, int(frac * m)))
+    out = x.clone()
+    work = {"buf": np.empty(100, dtype=np.uint8)} if reuse else None  # too small: grown
+    got = kernels.top(out, x0, kind, k, *sparse_bracket(m, k), work=work)
+    want = top_indices(distance(x, x0, kind), k)
+    bits = bits_view
+    if got is None:
+        assert case == "fool" or k > 0.9 * m
+        assert torch.equal(bits(out), bits(x))
+        return
+    idx, seed_vals, differ = got
+    assert torch.equal(idx, want)
+    assert torch.equal(bits(seed_vals), bits(x0[want]))
+    expect = x0.clone()
+    expect[want] = x[want]
+    assert torch.equal(bits(out), bits(expect))
+    assert differ == int(torch.count_nonzero(bits(x[want]) != bits(x0[want])))
+    if reuse:
+        assert len(work["buf"]) > 100
+
+
+def test_top_serves_ordinary_tensors_and_reuses_its_scratch():
+    # not vacuous: on continuous values the one-call path answers at every budget, and a scratch
+    # kept from a larger tensor gives the same answer for a smaller one
+    work = {}
+    for m in (100_000, 20_000):
+        x, x0 = pair(m, torch.float32, "rand", m)
+        for k in (1, 10, 1000, m // 10, m // 2):
+            out = x.clone()
+            idx, _, _ = kernels.top(out, x0, "absolute", k, *sparse_bracket(m, k), work=work)
+            assert torch.equal(idx, top_indices(distance(x, x0), k))
+    assert len(work["buf"]) >= 100_000 * 8
+
+
+@given(st.integers(1, 5000), st.sampled_from([np.float32, np.float64]), st.sampled_from(["rand", "few", "inf"]),
+       st.sampled_from([0, 1, 2, 64]), st.integers(0, 10_000), st.data())
+@settings(max_examples=200, deadline=None)
+def test_kth_is_the_sorted_jth(n, dtype, case, rounds, seed, data):
+    """dst_kth_*: the j-th smallest and the count above it, after any number of quickselect rounds
+    (0: the sort that ends a long quickselect, at once)."""
+    g = np.random.default_rng(seed)
+    a = np.abs(g.standard_normal(n)).astype(dtype)
+    if case == "few":  # masses of equal values, as bf16 distances
+        a = g.integers(0, 4, n).astype(dtype)
+    elif case == "inf":
+        a[g.integers(0, n, max(1, n // 10))] = np.inf
+    j = data.draw(st.integers(0, n - 1))
+    want = np.sort(a)[j]
+    assert kernels.kth(a, j, rounds) == (want, int(np.count_nonzero(a > want)))
 
 
 def test_candidates_stop_at_the_cap():
@@ -280,18 +341,23 @@ def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
         for step in range(6):
             for p in params.values():
                 p.grad = torch.randn(p.shape, generator=g).to(dtype)
-            dst.step(opts)
-        return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}
+            nonseed.append(dst.step(opts).nonseed)
+        return ({n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()},
+                {n: k.seed_vals for n, k in dst.kept.items()})
 
     calls = []
-    real = kernels.candidates
-    monkeypatch.setattr(kernels, "candidates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("top", "share"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    nonseed = []
     fused = run()
-    assert calls  # the fused path ran
+    assert {"tensor": "top", "global": "share"}[silo] in calls  # the fused path ran
     monkeypatch.setitem(kernels._state, "lib", None)  # as without a compiler
+    fused_nonseed, nonseed = nonseed, []
     plain = run()
     for a, b in zip(fused, plain):
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert fused_nonseed == nonseed and all(nonseed)
 
 
 def test_without_a_compiler_dstcli_takes_the_torch_path(tmp_path):
