@@ -245,6 +245,7 @@ class DST:
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
         self._work: dict = {}  # kernels.top's scratch memory, reused from tensor to tensor
+        self._row_hints: dict[str, np.ndarray] = {}  # row silos: each row's last k-th largest distance
         if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
             sizes = [p.numel() for p in self.params.values()]
             batched = (all(p.device.type == "cuda" for p in self.params.values())
@@ -682,6 +683,9 @@ class DST:
         k = int(self.alloc[name][0])
         if rows == 1 and self.gather is None and self._top_fused(name, seed, k):
             return
+        if rows > 1 and kernels.serves(p, seed):
+            self._rows_fused(name, seed)
+            return
         d = distance(p, seed, self.distance)
         if rows == 1:
             idx = top_indices(d.view(-1), k)
@@ -709,6 +713,22 @@ class DST:
         idx, seed_vals, self._nonseed[name] = got
         self.kept[name] = _Kept(idx, seed_vals)
         return True
+
+    def _rows_fused(self, name: str, seed: torch.Tensor) -> None:
+        """Row silos' selection and reset in one call on the CPU kernels (kernels.rows), each row's
+        ranking started from its k-th largest distance of the last selection."""
+        p = self.params[name].detach()
+        row_len = int(torch.Size(self.shapes[name][1:]).numel())
+        local = p.numel() // row_len
+        first = self.shards[name][1] // row_len if self.shards else 0  # a process holds whole rows
+        hint = self._row_hints.get(name)
+        if hint is None:
+            wide = np.float64 if p.dtype == torch.float64 else np.float32
+            hint = self._row_hints[name] = np.zeros(local, dtype=wide)
+        idx, seed_vals, self._nonseed[name] = kernels.rows(
+            p.view(local, row_len), seed.view(local, row_len), self.alloc[name][first:first + local].numpy(),
+            self.distance, hint)
+        self.kept[name] = _Kept(idx, seed_vals)
 
     def _agree(self, vals: torch.Tensor, idx: torch.Tensor, offset: int, k: int, n: int) -> torch.Tensor:
         """The local positions of a silo's top-k when each process offers its own top-k

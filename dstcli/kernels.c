@@ -554,7 +554,7 @@ ROWS_ABOVE(f64, double, )
     D dst_kth_##SUF(D *a, int64_t n, int64_t j, D *tmp, int64_t *above, int64_t max_rounds) { \
         D *src = a, *dst = tmp, *spare = a;                                                  \
         int64_t up = 0;                                                                      \
-        for (int64_t rounds = 0; n > 32 && rounds < max_rounds; rounds++) {                  \
+        for (int64_t rounds = 0; rounds < max_rounds; rounds++) {                            \
             D x = src[0], y = src[n / 2], z = src[n - 1];                                    \
             D p = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));     \
             int64_t lt = 0, gt = 0, i = 0;                                                   \
@@ -641,3 +641,125 @@ KTH(f64, double, , )
 TOP(f32, float, float, 32, f32)
 TOP(bf16, uint16_t, float, 16, f32)
 TOP(f64, double, double, 64, f64)
+
+/* dst_rows_*: row silos' whole projection, a row at a time while it is in the cache: x and x0 are
+ * (R, m), row r keeps its k[r] largest distances by select.py's tie rule (rows_indices). The
+ * row's distances go to dbuf (room m + 32) and the ones at or above 3/4 of hint[r] (last step's
+ * k-th largest of that row; 0 or less: none) to cbuf (room m + 32); where at least k[r] are, the
+ * k-th largest is ranked among them only (dst_kth_*, tmp: room m + 32), else among the whole row.
+ * Then one pass over the row writes the kept flat positions (ascending) and x0's values there
+ * (pos, seed: room sum(k) + 16), sets x to x0 elsewhere (bits moved) and counts the kept values
+ * that differ from x0 (*differ). hint[r] becomes this step's k-th largest. Returns how many are
+ * kept. */
+#define ROW_ONE(U)                                                                           \
+    {                                                                                        \
+        DV w = dbuf[i];                                                                      \
+        TIE_RULE(w)                                                                          \
+        U a = xr[i], b = x0r[i];                                                             \
+        pos[c] = base + i;                                                                   \
+        seed[c] = b;                                                                         \
+        xr[i] = keep ? a : b;                                                                \
+        diff += keep & (a != b);                                                             \
+        c += keep;                                                                           \
+    }
+
+#ifdef __AVX512F__
+#define ROWS_GATHER16(LOAD16)                                                                \
+    const __m512 vp = _mm512_set1_ps(p);                                                     \
+    for (; i + 16 <= m; i += 16) {                                                           \
+        __m512 d = dist_v16(LOAD16(x + base + i), LOAD16(x0 + base + i), kind);              \
+        __mmask16 mk = _mm512_cmp_ps_mask(d, vp, _CMP_GE_OQ);                                \
+        _mm512_storeu_ps(dbuf + i, d);                                                       \
+        _mm512_storeu_ps(cbuf + nc, _mm512_maskz_compress_ps(mk, d));                        \
+        nc += __builtin_popcount(mk);                                                        \
+    }
+/* 16 entries with no tie at tau at once (MOVE: x's and x0's bits for the keep mask km) */
+#define ROWS_KEEP16(U, MOVE)                                                                 \
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);                          \
+    for (; i + 16 <= m; i += 16) {                                                           \
+        __m512 d = _mm512_loadu_ps(dbuf + i);                                                \
+        if (_mm512_cmp_ps_mask(d, _mm512_set1_ps(tau), _CMP_EQ_OQ)) {                        \
+            for (int64_t e = i + 16; i < e; i++) ROW_ONE(U)                                  \
+            i -= 16;                                                                         \
+            continue;                                                                        \
+        }                                                                                    \
+        __mmask16 km = _mm512_cmp_ps_mask(d, _mm512_set1_ps(tau), _CMP_GT_OQ)                \
+                       & _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_GT_OQ);             \
+        U *at = xr + i;                                                                      \
+        const U *at0 = x0r + i;                                                              \
+        MOVE                                                                                 \
+        __m512i p0 = _mm512_add_epi64(_mm512_set1_epi64(base + i), lanes);                   \
+        __m512i p1 = _mm512_add_epi64(p0, _mm512_set1_epi64(8));                             \
+        __mmask8 k0 = (__mmask8)km, k1 = (__mmask8)(km >> 8);                                \
+        _mm512_storeu_si512((void *)(pos + c), _mm512_maskz_compress_epi64(k0, p0));          \
+        _mm512_storeu_si512((void *)(pos + c + __builtin_popcount(k0)), _mm512_maskz_compress_epi64(k1, p1)); \
+        c += __builtin_popcount(km);                                                         \
+    }
+#define ROWS_MOVE_32                                                                         \
+    __m512i a = _mm512_loadu_si512((const void *)at), b = _mm512_loadu_si512((const void *)at0); \
+    _mm512_mask_storeu_epi32(at, (__mmask16)~km, b);                                         \
+    diff += __builtin_popcount(km & _mm512_cmpneq_epi32_mask(a, b));                         \
+    _mm512_storeu_si512((void *)(seed + c), _mm512_maskz_compress_epi32(km, b));
+#define ROWS_FAST_F32 ROWS_KEEP16(uint32_t, ROWS_MOVE_32)
+#define ROWS_GATHER_F32 ROWS_GATHER16(load16_f32)
+#else
+#define ROWS_FAST_F32
+#define ROWS_GATHER_F32
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define ROWS_MOVE_16                                                                         \
+    __m256i a = _mm256_loadu_si256((const __m256i *)at), b = _mm256_loadu_si256((const __m256i *)at0); \
+    _mm256_mask_storeu_epi16(at, (__mmask16)~km, b);                                         \
+    diff += __builtin_popcount(km & _mm256_cmpneq_epi16_mask(a, b));                         \
+    _mm256_storeu_si256((__m256i *)(seed + c),                                               \
+                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(km, _mm512_cvtepu16_epi32(b))));
+#define ROWS_FAST_BF16 ROWS_KEEP16(uint16_t, ROWS_MOVE_16)
+#define ROWS_GATHER_BF16 ROWS_GATHER16(load16_bf16)
+#else
+#define ROWS_FAST_BF16
+#define ROWS_GATHER_BF16
+#endif
+
+#define ROWS(SUF, T, D, BITS, DSUF, LOAD, DIST, GATHER, FAST)                                \
+    int64_t dst_rows_##SUF(T *x, const T *x0, int64_t R, int64_t m, const int64_t *k, int kind, \
+                           D *hint, D *dbuf, D *cbuf, D *tmp, int64_t *pos,                  \
+                           uint##BITS##_t *seed, int64_t *differ) {                          \
+        typedef uint##BITS##_t U;                                                            \
+        typedef D DV;                                                                        \
+        int64_t c = 0, diff = 0;                                                             \
+        for (int64_t r = 0; r < R; r++) {                                                    \
+            int64_t base = r * m, kr = k[r] < m ? k[r] : m;                                  \
+            U *xr = (U *)x + base;                                                           \
+            const U *x0r = (const U *)x0 + base;                                             \
+            if (kr <= 0) {                                                                   \
+                memcpy(xr, x0r, (size_t)m * sizeof(U));                                      \
+                hint[r] = 0;                                                                 \
+                continue;                                                                    \
+            }                                                                                \
+            D p = hint[r] > 0 ? hint[r] * (D)0.75 : (D)INFINITY;                             \
+            int64_t i = 0, nc = 0, above;                                                    \
+            GATHER                                                                           \
+            for (; i < m; i++) {                                                             \
+                D d = DIST(LOAD(x[base + i]), LOAD(x0[base + i]), kind);                     \
+                dbuf[i] = d;                                                                 \
+                cbuf[nc] = d;                                                                \
+                nc += d >= p;                                                                \
+            }                                                                                \
+            if (nc < kr) { /* the hint was too high: rank the whole row */                  \
+                memcpy(cbuf, dbuf, (size_t)m * sizeof(D));                                   \
+                nc = m;                                                                      \
+            }                                                                                \
+            D tau = kth_##DSUF(cbuf, nc, nc - kr, tmp, &above);                              \
+            int64_t need = kr - above;                                                       \
+            hint[r] = tau;                                                                   \
+            i = 0;                                                                           \
+            FAST                                                                             \
+            for (; i < m; i++) ROW_ONE(U)                                                    \
+        }                                                                                    \
+        *differ = diff;                                                                      \
+        return c;                                                                            \
+    }
+
+ROWS(f32, float, float, 32, f32, AS_IS, dist_f, ROWS_GATHER_F32, ROWS_FAST_F32)
+ROWS(bf16, uint16_t, float, 16, f32, AS_BF16, dist_f, ROWS_GATHER_BF16, ROWS_FAST_BF16)
+ROWS(f64, double, double, 64, f64, AS_IS, dist_d, , )

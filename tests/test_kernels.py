@@ -107,6 +107,37 @@ def test_top_serves_ordinary_tensors_and_reuses_its_scratch():
     assert len(work["buf"]) >= 100_000 * 8
 
 
+@given(st.integers(1, 40), st.integers(1, 700), st.sampled_from(DTYPES), st.sampled_from(DISTANCES),
+       st.sampled_from(["rand", "ties", "special"]), st.sampled_from(["none", "exact", "scaled", "wild"]),
+       st.integers(0, 10_000), st.data())
+@settings(max_examples=150, deadline=None)
+def test_rows_is_rows_indices_then_reset(R, m, dtype, kind, case, hints, seed, data):
+    """dst_rows_*: each row's kept positions as rows_indices(distance()) gives them (budgets 0 to
+    the whole row, ties, zeros, NaN and inf), x0's values there, x reset to x0 elsewhere and the
+    count of kept values that differ, whatever the hints (none, last step's exact k-th values,
+    scaled ones, nonsense); the hints come back as each row's k-th largest distance."""
+    x, x0 = pair(R * m, dtype, case, seed)
+    x, x0 = x.view(R, m), x0.view(R, m)
+    k = np.array(data.draw(st.lists(st.integers(0, m), min_size=R, max_size=R)), dtype=np.int64)
+    d = distance(x, x0, kind)
+    kth = torch.sort(d, dim=1, descending=True).values[torch.arange(R), torch.as_tensor(k).clamp(min=1) - 1]
+    wide = np.float64 if dtype == torch.float64 else np.float32
+    g = np.random.default_rng(seed)
+    hint = {"none": np.zeros(R), "exact": kth.numpy(), "scaled": kth.numpy() * g.uniform(0.5, 2.0, R),
+            "wild": g.choice([0.0, -1.0, np.nan, np.inf, 1e-30, 1e30], R)}[hints].astype(wide)
+    out = x.clone()
+    pos, seed_vals, differ = kernels.rows(out, x0, k, kind, hint)
+    want = rows_indices(d, torch.from_numpy(k))
+    assert torch.equal(pos, want)
+    flat, flat0 = x.reshape(-1), x0.reshape(-1)
+    assert torch.equal(bits_view(seed_vals), bits_view(flat0[want]))
+    expect = flat0.clone()
+    expect[want] = flat[want]
+    assert torch.equal(bits_view(out.reshape(-1)), bits_view(expect))
+    assert differ == int(torch.count_nonzero(bits_view(flat[want]) != bits_view(flat0[want])))
+    assert np.array_equal(hint[k > 0], kth.numpy().astype(wide)[k > 0])
+
+
 @given(st.integers(1, 5000), st.sampled_from([np.float32, np.float64]), st.sampled_from(["rand", "few", "inf"]),
        st.sampled_from([0, 1, 2, 64]), st.integers(0, 10_000), st.data())
 @settings(max_examples=200, deadline=None)
@@ -327,7 +358,7 @@ def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind):
     assert fused[2] == plain[2]
 
 
-@pytest.mark.parametrize("silo", ["tensor", "global"])
+@pytest.mark.parametrize("silo", ["tensor", "global", "row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
     """Many steps of the lean engine on tensors large enough for the fused path, against the
@@ -346,12 +377,12 @@ def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
                 {n: k.seed_vals for n, k in dst.kept.items()})
 
     calls = []
-    for name in ("top", "share"):
+    for name in ("top", "share", "rows"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     nonseed = []
     fused = run()
-    assert {"tensor": "top", "global": "share"}[silo] in calls  # the fused path ran
+    assert {"tensor": "top", "global": "share", "row": "rows"}[silo] in calls  # the fused path ran
     monkeypatch.setitem(kernels._state, "lib", None)  # as without a compiler
     fused_nonseed, nonseed = nonseed, []
     plain = run()
