@@ -245,7 +245,8 @@ class DST:
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
         self._work: dict = {}  # kernels.top's scratch memory, reused from tensor to tensor
-        self._row_hints: dict[str, np.ndarray] = {}  # row silos: each row's last k-th largest distance
+        # each row's (row silos) or small silo's (a batch of them) last k-th largest distance
+        self._row_hints: dict[str | tuple[str, ...], np.ndarray] = {}
         if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
             sizes = [p.numel() for p in self.params.values()]
             batched = (all(p.device.type == "cuda" for p in self.params.values())
@@ -634,23 +635,32 @@ class DST:
         starts = [0, *itertools.accumulate(p.numel() for p in params)]
         cur = torch.cat([p.reshape(-1) for p in params])
         seed = torch.cat([s.reshape(-1) for _, s in small])
-        if reselect:
-            at, ks, kmax = self._small_plan(names, starts, cur.device)
-            d = distance(cur, seed, self.distance)
-            d = torch.cat([d, d.new_full((1,), -1.0)])  # the padding points here: never kept
-            pos = at[rows_keep(d[at], ks, kmax, ties="check" if d.device.type == "cpu" else "always")]
+        if reselect and kernels.serves(cur, seed):  # selection and reset in one call: cur becomes the result
+            ks = self._small_plan(names, starts, cur.device)[1]
+            if names not in self._row_hints:
+                self._row_hints[names] = np.zeros(len(names), dtype=np.float64 if cur.dtype == torch.float64 else np.float32)
+            pos, seed_vals, differ = kernels.rows(cur, seed, ks.numpy(), self.distance, self._row_hints[names],
+                                                  np.array(starts, dtype=np.int64))
+            _copy_all(params, [cur[a:b].view(p.shape) for a, b, p in zip(starts, starts[1:], params)])
         else:
-            pos = torch.cat([self.kept[n].idx + a for n, a in zip(names, starts)])
-        seed_vals, vals = seed[pos], cur[pos]
-        seed[pos] = vals  # the seed, except the kept entries' new values
-        _copy_all(params, [seed[a:b].view(p.shape) for a, b, p in zip(starts, starts[1:], params)])
+            if reselect:
+                at, ks, kmax = self._small_plan(names, starts, cur.device)
+                d = distance(cur, seed, self.distance)
+                d = torch.cat([d, d.new_full((1,), -1.0)])  # the padding points here: never kept
+                pos = at[rows_keep(d[at], ks, kmax, ties="check" if d.device.type == "cpu" else "always")]
+            else:
+                pos = torch.cat([self.kept[n].idx + a for n, a in zip(names, starts)])
+            seed_vals, vals = seed[pos], cur[pos]
+            seed[pos] = vals  # the seed, except the kept entries' new values
+            _copy_all(params, [seed[a:b].view(p.shape) for a, b, p in zip(starts, starts[1:], params)])
+            differ = _differ(vals, seed_vals)
         cuts = torch.searchsorted(pos, torch.tensor(starts, device=pos.device)).tolist()
         counts = torch.tensor(cuts, device=pos.device).diff()
         local = pos - _offsets(torch.tensor(starts[:-1], device=pos.device), counts, len(pos))
         for n, a, b in zip(names, cuts, cuts[1:]):
             self.kept[n] = _Kept(local[a:b], seed_vals[a:b])
             self._nonseed.pop(n, None)
-        self._nonseed[names[0]] = _differ(vals, seed_vals)
+        self._nonseed[names[0]] = differ
 
     def _small_plan(self, names: tuple[str, ...], starts: list[int], device: torch.device):
         """For `_project_small`: each silo's positions in the concatenation as a row padded with

@@ -642,12 +642,13 @@ TOP(f32, float, float, 32, f32)
 TOP(bf16, uint16_t, float, 16, f32)
 TOP(f64, double, double, 64, f64)
 
-/* dst_rows_*: row silos' whole projection, a row at a time while it is in the cache: x and x0 are
- * (R, m), row r keeps its k[r] largest distances by select.py's tie rule (rows_indices). The
- * row's distances go to dbuf (room m + 32) and the ones at or above 3/4 of hint[r] (last step's
- * k-th largest of that row; 0 or less: none) to cbuf (room m + 32); where at least k[r] are, the
- * k-th largest is ranked among them only (dst_kth_*, tmp: room m + 32), else among the whole row.
- * Then one pass over the row writes the kept flat positions (ascending) and x0's values there
+/* dst_rows_*: row silos' whole projection, a row at a time while it is in the cache: row r of x
+ * and x0 is [starts[r], starts[r + 1]) (rows of one length, or small silos laid end to end), and
+ * keeps its k[r] largest distances by the tie rule (select.rows_indices, top_indices). The row's
+ * distances go to dbuf and the ones at or above 3/4 of hint[r] (last step's k-th largest of that
+ * row; 0 or less: none) to cbuf; where at least k[r] are, the k-th largest is ranked among them
+ * only (dst_kth_*, tmp), else among the whole row (dbuf, cbuf, tmp: room for the longest row +
+ * 32). Then one pass over the row writes the kept positions (ascending) and x0's values there
  * (pos, seed: room sum(k) + 16), sets x to x0 elsewhere (bits moved) and counts the kept values
  * that differ from x0 (*differ). hint[r] becomes this step's k-th largest. Returns how many are
  * kept. */
@@ -721,14 +722,14 @@ TOP(f64, double, double, 64, f64)
 #endif
 
 #define ROWS(SUF, T, D, BITS, DSUF, LOAD, DIST, GATHER, FAST)                                \
-    int64_t dst_rows_##SUF(T *x, const T *x0, int64_t R, int64_t m, const int64_t *k, int kind, \
+    int64_t dst_rows_##SUF(T *x, const T *x0, int64_t R, const int64_t *starts, const int64_t *k, int kind, \
                            D *hint, D *dbuf, D *cbuf, D *tmp, int64_t *pos,                  \
                            uint##BITS##_t *seed, int64_t *differ) {                          \
         typedef uint##BITS##_t U;                                                            \
         typedef D DV;                                                                        \
         int64_t c = 0, diff = 0;                                                             \
         for (int64_t r = 0; r < R; r++) {                                                    \
-            int64_t base = r * m, kr = k[r] < m ? k[r] : m;                                  \
+            int64_t base = starts[r], m = starts[r + 1] - base, kr = k[r] < m ? k[r] : m;     \
             U *xr = (U *)x + base;                                                           \
             const U *x0r = (const U *)x0 + base;                                             \
             if (kr <= 0) {                                                                   \

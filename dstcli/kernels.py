@@ -140,7 +140,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = real, [P, I, I, P, P, I]
     for suf in ("f32", "bf16", "f64"):
         f = getattr(lib, f"dst_rows_{suf}")
-        f.restype, f.argtypes = I, [P, P, I, I, P, C, P, P, P, P, P, P, P]
+        f.restype, f.argtypes = I, [P, P, I, P, P, C, P, P, P, P, P, P, P]
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_top_{suf}")
         f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P, P]
@@ -349,24 +349,31 @@ def top(x: torch.Tensor, x0: torch.Tensor, kind: str, k: int, stride: int, j_lo:
     return kpos[:kept], kx0[:kept], differ.value
 
 
-def rows(x: torch.Tensor, x0: torch.Tensor, k: np.ndarray, kind: str,
-         hint: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+def rows(x: torch.Tensor, x0: torch.Tensor, k: np.ndarray, kind: str, hint: np.ndarray,
+         starts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Row silos' projection in one call: of x (R, m) each row keeps its k[r] largest
     distance(x, x0, kind) by the tie rule (select.rows_indices) and goes back to x0 elsewhere (bits
-    moved). Returns the kept flat positions (ascending), x0's values there and how many kept values
-    differ from them bit for bit. hint (R values, float32, float64 for float64 tensors) holds each
-    row's k-th largest distance of the last step, 0 for none: the ranking starts from 3/4 of it
-    (any hint gives the same answer, a close one a faster one); it is overwritten with this step's.
-    x and x0: `serves`; k: int64, R values."""
-    R, m = x.shape
+    moved). With `starts` (R + 1 ascending offsets) x and x0 are flat and row r is
+    [starts[r], starts[r + 1]): silos of any lengths laid end to end. Returns the kept flat
+    positions (ascending), x0's values there and how many kept values differ from them bit for
+    bit. hint (R values, float32, float64 for float64 tensors) holds each row's k-th largest
+    distance of the last step, 0 for none: the ranking starts from 3/4 of it (any hint gives the
+    same answer, a close one a faster one); it is overwritten with this step's. x and x0: `serves`;
+    k: R values."""
+    if starts is None:
+        R, m = x.shape
+        starts = np.arange(0, (R + 1) * m, m, dtype=np.int64)
+    R = len(starts) - 1
     wide = np.float64 if x.dtype == torch.float64 else np.float32
     k = np.ascontiguousarray(k, dtype=np.int64)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
     assert hint.dtype == wide and hint.flags.c_contiguous and len(hint) == R == len(k)
-    dbuf, cbuf, tmp = (np.empty(m + 32, dtype=wide) for _ in range(3))
-    total = int(np.minimum(k, m).clip(0).sum())
+    longest = int(np.diff(starts).max(initial=0))
+    dbuf, cbuf, tmp = (np.empty(longest + 32, dtype=wide) for _ in range(3))
+    total = int(np.minimum(k, np.diff(starts)).clip(0).sum())
     pos, seed = torch.empty(total + 16, dtype=torch.long), torch.empty(total + 16, dtype=x.dtype)
     differ = ctypes.c_int64(0)
     c = getattr(_state["lib"], f"dst_rows_{_SUFFIX[x.dtype]}")(
-        x.data_ptr(), x0.data_ptr(), R, m, k.ctypes.data, KINDS[kind], hint.ctypes.data, dbuf.ctypes.data,
-        cbuf.ctypes.data, tmp.ctypes.data, pos.data_ptr(), seed.data_ptr(), ctypes.byref(differ))
+        x.data_ptr(), x0.data_ptr(), R, starts.ctypes.data, k.ctypes.data, KINDS[kind], hint.ctypes.data,
+        dbuf.ctypes.data, cbuf.ctypes.data, tmp.ctypes.data, pos.data_ptr(), seed.data_ptr(), ctypes.byref(differ))
     return pos[:c], seed[:c], differ.value

@@ -138,6 +138,27 @@ def test_rows_is_rows_indices_then_reset(R, m, dtype, kind, case, hints, seed, d
     assert np.array_equal(hint[k > 0], kth.numpy().astype(wide)[k > 0])
 
 
+@given(st.lists(st.integers(1, 3000), min_size=1, max_size=12), st.sampled_from(DTYPES), st.sampled_from(DISTANCES),
+       st.sampled_from(["rand", "ties", "special"]), st.integers(0, 10_000), st.data())
+@settings(max_examples=80, deadline=None)
+def test_rows_takes_silos_of_any_lengths(lengths, dtype, kind, case, seed, data):
+    """dst_rows_* over small silos laid end to end (`starts`), as the engine batches LayerNorm
+    weights and biases: each silo's top_indices, offset to its start."""
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    x, x0 = pair(int(starts[-1]), dtype, case, seed)
+    k = np.array([data.draw(st.integers(0, n)) for n in lengths], dtype=np.int64)
+    wide = np.float64 if dtype == torch.float64 else np.float32
+    out = x.clone()
+    pos, seed_vals, differ = kernels.rows(out, x0, k, kind, np.zeros(len(lengths), dtype=wide), starts)
+    d = distance(x, x0, kind)
+    want = torch.cat([top_indices(d[a:b], int(kk)) + int(a) for a, b, kk in zip(starts, starts[1:], k)])
+    assert torch.equal(pos, want)
+    expect = x0.clone()
+    expect[want] = x[want]
+    assert torch.equal(bits_view(out), bits_view(expect)) and torch.equal(bits_view(seed_vals), bits_view(x0[want]))
+    assert differ == int(torch.count_nonzero(bits_view(x[want]) != bits_view(x0[want])))
+
+
 @given(st.integers(1, 5000), st.sampled_from([np.float32, np.float64]), st.sampled_from(["rand", "few", "inf"]),
        st.sampled_from([0, 1, 2, 64]), st.integers(0, 10_000), st.data())
 @settings(max_examples=200, deadline=None)
