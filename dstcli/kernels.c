@@ -37,6 +37,33 @@
 #include <immintrin.h>
 #endif
 
+/* Threads (OpenMP, where built with it: torch's own runtime, already loaded, so its threads are
+ * shared and torch.set_num_threads applies): kernels that split their work do so only from
+ * PARALLEL_MIN entries on, in contiguous runs whose outputs are put together in order, so the
+ * result never depends on the number of threads. */
+#define MAX_THREADS 64
+#define PARALLEL_MIN (1 << 18)
+#ifdef _OPENMP
+#include <omp.h>
+static int threads_for(int64_t n, int64_t items) {
+    int t = n < PARALLEL_MIN ? 1 : omp_get_max_threads();
+    if (t > MAX_THREADS) t = MAX_THREADS;
+    if (t > items) t = (int)items;
+    return t < 1 ? 1 : t;
+}
+#define PARALLEL_FOR _Pragma("omp parallel for num_threads(runs) schedule(static, 1)")
+#else
+static int threads_for(int64_t n, int64_t items) {
+    (void)n;
+    (void)items;
+    return 1;
+}
+#define PARALLEL_FOR
+#endif
+
+/* how many threads the kernels may use (1 without OpenMP) */
+int dst_threads(void) { return threads_for(INT64_MAX, MAX_THREADS); }
+
 enum { ABSOLUTE = 0, RELATIVE = 1, INVERSE_RELATIVE = 2 };
 
 static inline float bf16_to_f32(uint16_t b) {
@@ -604,11 +631,72 @@ ROWS_ABOVE(f64, double, )
 KTH(f32, float, FAST_COUNT_F32, FAST_APART_F32)
 KTH(f64, double, , )
 
+/* dst_cand_* and dst_reset_* on several threads (from PARALLEL_MIN entries on, runs of at least
+ * 65,536): each run collects its own range's candidates at its start + 16 per run before it (pos
+ * and val: room n + 16 * dst_threads() + 16), then they move together in order; each run resets
+ * its range and the kept positions in it (idx ascending). The same output as one thread. */
+static int64_t lower_bound(const int64_t *idx, int64_t k, int64_t v) {
+    int64_t lo = 0, hi = k;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (idx[mid] < v) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+#define CAND_PAR(SUF, T, D)                                                                  \
+    static int64_t cand_par_##SUF(const T *x, const T *x0, int64_t n, int kind, D lo, int64_t *pos, D *val) { \
+        int runs = threads_for(n, n >> 16);                                                  \
+        if (runs == 1) return dst_cand_##SUF(x, x0, n, kind, lo, 0, pos, val, n);            \
+        int64_t cnt[MAX_THREADS], c = 0;                                                     \
+        PARALLEL_FOR                                                                         \
+        for (int t = 0; t < runs; t++) {                                                     \
+            int64_t a = n / runs * t, b = t == runs - 1 ? n : n / runs * (t + 1);            \
+            cnt[t] = dst_cand_##SUF(x + a, x0 + a, b - a, kind, lo, 0, pos + a + 16 * t,     \
+                                    val + a + 16 * t, b - a);                                \
+        }                                                                                    \
+        for (int t = 0; t < runs; t++) { /* c <= the run's start: moving forward is safe */  \
+            int64_t a = n / runs * t, from = a + 16 * t;                                     \
+            for (int64_t j = 0; j < cnt[t]; j++) {                                           \
+                pos[c + j] = pos[from + j] + a;                                              \
+                val[c + j] = val[from + j];                                                  \
+            }                                                                                \
+            c += cnt[t];                                                                     \
+        }                                                                                    \
+        return c;                                                                            \
+    }
+
+CAND_PAR(f32, float, float)
+CAND_PAR(bf16, uint16_t, float)
+CAND_PAR(f64, double, double)
+
+#define RESET_PAR(BITS)                                                                      \
+    static void reset_par_##BITS(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n,     \
+                                 const int64_t *idx, int64_t k, uint##BITS##_t *kx,          \
+                                 uint##BITS##_t *kx0) {                                      \
+        int runs = threads_for(n, n >> 16);                                                  \
+        PARALLEL_FOR                                                                         \
+        for (int t = 0; t < runs; t++) {                                                     \
+            int64_t a = n / runs * t, b = t == runs - 1 ? n : n / runs * (t + 1);            \
+            int64_t j0 = lower_bound(idx, k, a), j1 = lower_bound(idx, k, b);                \
+            for (int64_t j = j0; j < j1; j++) {                                              \
+                kx[j] = x[idx[j]];                                                           \
+                kx0[j] = x0[idx[j]];                                                         \
+            }                                                                                \
+            memcpy(x + a, x0 + a, (size_t)(b - a) * sizeof(*x));                             \
+            for (int64_t j = j0; j < j1; j++) x[idx[j]] = kx[j];                             \
+        }                                                                                    \
+    }
+
+RESET_PAR(16)
+RESET_PAR(32)
+RESET_PAR(64)
+
 /* dst_top_*: a tensor silo's whole projection in one call, as select.top_positions and
  * engine._reset_outside do it in several: the sample (every stride-th distance, into sbuf) gives
  * the bracket [lo, hi] (its j_lo-th and j_hi-th largest; no upper end where j_hi < 1; sbuf: room
  * for 2s + 64, s = ceil(n / stride)), one pass collects the candidates at or above lo (pos, val:
- * room for n + 16), the ones inside the bracket (copied to inside: room for n + 32; tmp: room for
+ * room for n + 16 * dst_threads() + 16), the ones inside the bracket (copied to inside: room for n + 32; tmp: room for
  * max(n, 2s) + 32) give the k-th largest, tau, the tie rule the kept positions
  * (kpos: room for k + 16; val then holds x's values there), and x goes back to x0 outside them (kx0: x0's values there; differ:
  * how many kept values differ from them bit for bit). Returns how many are kept, or -1 where the
@@ -622,7 +710,7 @@ KTH(f64, double, , )
         memcpy(sbuf + s + 32, sbuf, (size_t)s * sizeof(D));                                  \
         D lo = kth_##DSUF(sbuf, s, s - j_lo, tmp, &above), hi = INFINITY;                    \
         if (j_hi >= 1) hi = kth_##DSUF(sbuf + s + 32, s, s - j_hi, tmp, &above);             \
-        int64_t c = dst_cand_##SUF(x, x0, n, kind, lo, 0, pos, val, n);                      \
+        int64_t c = cand_par_##SUF(x, x0, n, kind, lo, pos, val);                            \
         if (c < k) return -1;                                                                \
         int64_t m = dst_split_##DSUF(val, c, hi, inside);                                    \
         if (c - m >= k) return -1;                                                           \
@@ -630,7 +718,7 @@ KTH(f64, double, , )
         int64_t need = k - (c - m) - above;                                                  \
         int64_t kept = dst_keep_##DSUF(pos, val, c, tau, need, kpos, NULL);                  \
         uint##BITS##_t *ux = (uint##BITS##_t *)x, *kx = (uint##BITS##_t *)val;               \
-        dst_reset_##BITS(ux, (const uint##BITS##_t *)x0, n, kpos, kept, kx, (uint##BITS##_t *)kx0); \
+        reset_par_##BITS(ux, (const uint##BITS##_t *)x0, n, kpos, kept, kx, (uint##BITS##_t *)kx0); \
         int64_t diff = 0;                                                                    \
         const uint##BITS##_t *ks = (const uint##BITS##_t *)kx0;                              \
         for (int64_t i = 0; i < kept; i++) diff += kx[i] != ks[i];                           \
@@ -721,14 +809,15 @@ TOP(f64, double, double, 64, f64)
 #define ROWS_GATHER_BF16
 #endif
 
-#define ROWS(SUF, T, D, BITS, DSUF, LOAD, DIST, GATHER, FAST)                                \
-    int64_t dst_rows_##SUF(T *x, const T *x0, int64_t R, const int64_t *starts, const int64_t *k, int kind, \
-                           D *hint, D *dbuf, D *cbuf, D *tmp, int64_t *pos,                  \
-                           uint##BITS##_t *seed, int64_t *differ) {                          \
+/* rows r0..r1-1 of dst_rows_*, written from pos and seed on; returns how many are kept */
+#define ROWS_RANGE(SUF, T, D, BITS, DSUF, LOAD, DIST, GATHER, FAST)                          \
+    static int64_t rows_range_##SUF(T *x, const T *x0, int64_t r0, int64_t r1, const int64_t *starts, \
+                                    const int64_t *k, int kind, D *hint, D *dbuf, D *cbuf, D *tmp, \
+                                    int64_t *pos, uint##BITS##_t *seed, int64_t *differ) {   \
         typedef uint##BITS##_t U;                                                            \
         typedef D DV;                                                                        \
         int64_t c = 0, diff = 0;                                                             \
-        for (int64_t r = 0; r < R; r++) {                                                    \
+        for (int64_t r = r0; r < r1; r++) {                                                  \
             int64_t base = starts[r], m = starts[r + 1] - base, kr = k[r] < m ? k[r] : m;     \
             U *xr = (U *)x + base;                                                           \
             const U *x0r = (const U *)x0 + base;                                             \
@@ -761,6 +850,56 @@ TOP(f64, double, double, 64, f64)
         return c;                                                                            \
     }
 
-ROWS(f32, float, float, 32, f32, AS_IS, dist_f, ROWS_GATHER_F32, ROWS_FAST_F32)
-ROWS(bf16, uint16_t, float, 16, f32, AS_BF16, dist_f, ROWS_GATHER_BF16, ROWS_FAST_BF16)
-ROWS(f64, double, double, 64, f64, AS_IS, dist_d, , )
+/* dst_rows_*: rows_range_* over all rows; with OpenMP, from PARALLEL_MIN entries on, the rows
+ * split in runs of about equal entries, one a thread, each written at its rows' share of the
+ * output plus 16 per run before it (pos and seed: room sum(min(k, m)) + 16 * dst_threads() + 16),
+ * then moved together: the same output in the same order as one run. Scratch: 3 (longest row +
+ * 32) values a run. Returns how many are kept, -1 where memory ran out (x untouched). */
+#define ROWS(SUF, T, D, BITS)                                                                \
+    int64_t dst_rows_##SUF(T *x, const T *x0, int64_t R, const int64_t *starts, const int64_t *k, int kind, \
+                           D *hint, int64_t *pos, uint##BITS##_t *seed, int64_t *differ) {   \
+        int64_t longest = 0, cut[MAX_THREADS + 1], off[MAX_THREADS], cnt[MAX_THREADS], dif[MAX_THREADS]; \
+        for (int64_t r = 0; r < R; r++)                                                      \
+            if (starts[r + 1] - starts[r] > longest) longest = starts[r + 1] - starts[r];   \
+        int runs = threads_for(starts[R] - starts[0], R);                                    \
+        size_t width = (size_t)(longest + 32);                                               \
+        D *scratch = malloc((size_t)runs * 3 * width * sizeof(D));                           \
+        if (!scratch) return -1;                                                             \
+        cut[0] = 0;                                                                          \
+        for (int t = 1; t < runs; t++) { /* run t starts at the first row past its share */ \
+            int64_t goal = starts[0] + (starts[R] - starts[0]) / runs * t, r = cut[t - 1];   \
+            while (r < R && starts[r] < goal) r++;                                           \
+            cut[t] = r;                                                                      \
+        }                                                                                    \
+        cut[runs] = R;                                                                       \
+        for (int64_t t = 0, q = 0, before = 0; t < runs; t++) {                              \
+            for (; q < cut[t]; q++) {                                                        \
+                int64_t m = starts[q + 1] - starts[q];                                       \
+                before += k[q] < 0 ? 0 : k[q] < m ? k[q] : m;                                \
+            }                                                                                \
+            off[t] = before + 16 * t;                                                        \
+        }                                                                                    \
+        PARALLEL_FOR                                                                         \
+        for (int t = 0; t < runs; t++) {                                                     \
+            D *buf = scratch + (size_t)t * 3 * width;                                        \
+            cnt[t] = rows_range_##SUF(x, x0, cut[t], cut[t + 1], starts, k, kind, hint, buf,  \
+                                      buf + width, buf + 2 * width, pos + off[t], seed + off[t], &dif[t]); \
+        }                                                                                    \
+        free(scratch);                                                                       \
+        int64_t c = 0, diff = 0;                                                             \
+        for (int t = 0; t < runs; t++) {                                                     \
+            memmove(pos + c, pos + off[t], (size_t)cnt[t] * sizeof(*pos));                   \
+            memmove(seed + c, seed + off[t], (size_t)cnt[t] * sizeof(*seed));                \
+            c += cnt[t];                                                                     \
+            diff += dif[t];                                                                  \
+        }                                                                                    \
+        *differ = diff;                                                                      \
+        return c;                                                                            \
+    }
+
+ROWS_RANGE(f32, float, float, 32, f32, AS_IS, dist_f, ROWS_GATHER_F32, ROWS_FAST_F32)
+ROWS_RANGE(bf16, uint16_t, float, 16, f32, AS_BF16, dist_f, ROWS_GATHER_BF16, ROWS_FAST_BF16)
+ROWS_RANGE(f64, double, double, 64, f64, AS_IS, dist_d, , )
+ROWS(f32, float, float, 32)
+ROWS(bf16, uint16_t, float, 16)
+ROWS(f64, double, double, 64)

@@ -62,7 +62,8 @@ def _compile(cc: str, out: Path) -> str | None:
     """Build kernels.c at `out` (written beside it, then renamed); None, or why it failed."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     errors = []
-    for extra in (["-march=native"], []):  # -march=native: AVX-512 where the CPU has it
+    # -march=native: AVX-512 where the CPU has it; -fopenmp: a second core for the largest kernels
+    for extra in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
         key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *extra, version, _cpu_id()]).encode())
         target = out / f"kernels-{key.hexdigest()[:16]}{'.dll' if os.name == 'nt' else '.so'}"
         if target.exists():
@@ -138,9 +139,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suf, real in (("f32", F), ("f64", D)):
         f = getattr(lib, f"dst_kth_{suf}")
         f.restype, f.argtypes = real, [P, I, I, P, P, I]
+    lib.dst_threads.restype, lib.dst_threads.argtypes = C, []
     for suf in ("f32", "bf16", "f64"):
         f = getattr(lib, f"dst_rows_{suf}")
-        f.restype, f.argtypes = I, [P, P, I, P, P, C, P, P, P, P, P, P, P]
+        f.restype, f.argtypes = I, [P, P, I, P, P, C, P, P, P, P]
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_top_{suf}")
         f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P, P]
@@ -337,7 +339,8 @@ def top(x: torch.Tensor, x0: torch.Tensor, kind: str, k: int, stride: int, j_lo:
     the caller keeps to reuse the scratch memory between calls (see _carve)."""
     n, s = x.numel(), -(-x.numel() // stride)
     wide = np.float64 if x.dtype == torch.float64 else np.float32
-    pos, val, inside, tmp, sbuf = _carve(work, [(n + 16, np.int64), (n + 16, wide), (n + 32, wide),
+    room = n + 16 * _state["lib"].dst_threads() + 16  # the candidates, collected by each thread's range
+    pos, val, inside, tmp, sbuf = _carve(work, [(room, np.int64), (room, wide), (n + 32, wide),
                                                 (max(n, 2 * s) + 32, wide), (2 * s + 64, wide)])
     kpos, kx0 = torch.empty(k + 16, dtype=torch.long), torch.empty(k + 16, dtype=x.dtype)
     differ = ctypes.c_int64(0)
@@ -368,12 +371,12 @@ def rows(x: torch.Tensor, x0: torch.Tensor, k: np.ndarray, kind: str, hint: np.n
     k = np.ascontiguousarray(k, dtype=np.int64)
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     assert hint.dtype == wide and hint.flags.c_contiguous and len(hint) == R == len(k)
-    longest = int(np.diff(starts).max(initial=0))
-    dbuf, cbuf, tmp = (np.empty(longest + 32, dtype=wide) for _ in range(3))
-    total = int(np.minimum(k, np.diff(starts)).clip(0).sum())
-    pos, seed = torch.empty(total + 16, dtype=torch.long), torch.empty(total + 16, dtype=x.dtype)
+    total = int(np.minimum(k, np.diff(starts)).clip(0).sum()) + 16 * _state["lib"].dst_threads() + 16
+    pos, seed = torch.empty(total, dtype=torch.long), torch.empty(total, dtype=x.dtype)
     differ = ctypes.c_int64(0)
     c = getattr(_state["lib"], f"dst_rows_{_SUFFIX[x.dtype]}")(
         x.data_ptr(), x0.data_ptr(), R, starts.ctypes.data, k.ctypes.data, KINDS[kind], hint.ctypes.data,
-        dbuf.ctypes.data, cbuf.ctypes.data, tmp.ctypes.data, pos.data_ptr(), seed.data_ptr(), ctypes.byref(differ))
+        pos.data_ptr(), seed.data_ptr(), ctypes.byref(differ))
+    if c < 0:
+        raise MemoryError("out of memory for the row kernels' scratch")
     return pos[:c], seed[:c], differ.value

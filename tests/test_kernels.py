@@ -138,6 +138,61 @@ def test_rows_is_rows_indices_then_reset(R, m, dtype, kind, case, hints, seed, d
     assert np.array_equal(hint[k > 0], kth.numpy().astype(wide)[k > 0])
 
 
+def threads(counts=(2, 1)):
+    """Run the body once per OpenMP thread count (torch's, which the kernels share), checking the
+    kernels see it (1 on a build without OpenMP)."""
+    before = torch.get_num_threads()
+    try:
+        for t in counts:
+            torch.set_num_threads(t)
+            assert kernels._state["lib"].dst_threads() == (t if os.environ.get("DSTCLI_PORTABLE_RUN") != "1" else 1)
+            yield t
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["rand", "ties", "special"])
+def test_top_gives_the_same_on_any_number_of_threads(dtype, case):
+    """From 2^18 entries on dst_top_* collects the candidates and resets on several threads: the
+    same as top_indices + reset on 2 threads and on 1."""
+    m = 300_001
+    x, x0 = pair(m, dtype, case, 9)
+    for kind in DISTANCES:
+        d = distance(x, x0, kind)
+        for k in (3, 3000, 100_000):
+            want = top_indices(d, k)
+            expect = x0.clone()
+            expect[want] = x[want]
+            for _ in threads():
+                out = x.clone()
+                idx, seed_vals, differ = kernels.top(out, x0, kind, k, *sparse_bracket(m, k))
+                assert torch.equal(idx, want) and torch.equal(bits_view(out), bits_view(expect))
+                assert torch.equal(bits_view(seed_vals), bits_view(x0[want]))
+                assert differ == int(torch.count_nonzero(bits_view(x[want]) != bits_view(x0[want])))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_gives_the_same_on_any_number_of_threads(dtype):
+    """From 2^18 entries on dst_rows_* splits its rows between threads (OpenMP, where built with
+    it): the same positions, values, hints and counts as rows_indices, on 2 threads and on 1."""
+    R, m = 1536, 384  # 589,824 entries
+    x, x0 = pair(R * m, dtype, "ties", 8)
+    x, x0 = x.view(R, m), x0.view(R, m)
+    k = np.random.default_rng(8).integers(0, 60, R)
+    k[::97] = m  # whole rows, and rows of budget 0 between
+    want = rows_indices(distance(x, x0), torch.from_numpy(k))
+    wide = np.float64 if dtype == torch.float64 else np.float32
+    got = {}
+    for t in threads():
+        out, hint = x.clone(), np.zeros(R, dtype=wide)
+        got[t] = kernels.rows(out, x0, k, "absolute", hint) + (out, hint)
+    for pos, seed_vals, differ, out, hint in got.values():
+        assert torch.equal(pos, want) and torch.equal(bits_view(seed_vals), bits_view(x0.reshape(-1)[want]))
+    a, b = got[2], got[1]
+    assert a[2] == b[2] and torch.equal(bits_view(a[3]), bits_view(b[3])) and np.array_equal(a[4], b[4])
+
+
 @given(st.lists(st.integers(1, 3000), min_size=1, max_size=12), st.sampled_from(DTYPES), st.sampled_from(DISTANCES),
        st.sampled_from(["rand", "ties", "special"]), st.integers(0, 10_000), st.data())
 @settings(max_examples=80, deadline=None)
@@ -480,14 +535,15 @@ def test_an_unwritable_cache_builds_in_a_temp_folder(tmp_path):
 
 @pytest.mark.skipif(os.environ.get("DSTCLI_PORTABLE_RUN") == "1", reason="this is the portable build's run")
 def test_the_portable_build_gives_the_same_bits(tmp_path):
-    """A compiler that refuses -march=native (as for a CPU it does not know) gets the portable
-    build: no AVX-512, only the scalar loops, which the other tests here reach only in tails and
-    ties on a CPU with AVX-512. This file's tests, run again on that build, all pass."""
+    """A compiler that refuses -march=native (as for a CPU it does not know) and -fopenmp (as
+    one without OpenMP) gets the portable build: no AVX-512, only the scalar loops, which the other
+    tests here reach only in tails and ties on a CPU with AVX-512, and one thread. This file's
+    tests, run again on that build, all pass."""
     log = tmp_path / "cc.log"
     cc = tmp_path / "cc"
     cc.write_text("#!/bin/sh\n"
                   f'echo "$@" >> "{log}"\n'
-                  'for a; do [ "$a" = "-march=native" ] && exit 1; done\n'
+                  'for a; do [ "$a" = "-march=native" ] || [ "$a" = "-fopenmp" ] && exit 1; done\n'
                   f'exec {os.environ.get("CC") or "cc"} "$@"\n')
     cc.chmod(0o755)
     env = {**os.environ, "CC": str(cc), "DSTCLI_CACHE": str(tmp_path / "cache"), "DSTCLI_PORTABLE_RUN": "1"}
@@ -495,4 +551,5 @@ def test_the_portable_build_gives_the_same_bits(tmp_path):
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
     builds = [ln for ln in log.read_text().splitlines() if "kernels.c" in ln]
-    assert "-march=native" in builds[0] and "-march=native" not in builds[1]  # refused, then portable
+    assert "-march=native" in builds[0] and "-fopenmp" in builds[0]  # refused, then portable
+    assert "-march=native" not in builds[3] and "-fopenmp" not in builds[3]  # the fourth flag set: neither
