@@ -364,12 +364,45 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
 #endif
 
 #define SHARE(SUF, BITS, D, LOAD, DIST, FAST)                                                \
-    int64_t dst_share_##SUF(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, D lo, \
-                            int strict, int64_t *pos, D *val, uint##BITS##_t *seed, int64_t cap,  \
-                            int64_t *differ) {                                               \
+    static int64_t share_range_##SUF(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, \
+                                     D lo, int strict, int64_t *pos, D *val, uint##BITS##_t *seed, \
+                                     int64_t cap, int64_t *differ) {                         \
         int64_t c = 0, i = 0, diff = 0;                                                      \
         FAST                                                                                 \
         SHARE_TAIL(LOAD, DIST, BITS)                                                         \
+    }                                                                                        \
+    /* from PARALLEL_MIN entries on, on several threads as cand_par_* (pos, val, seed: room   \
+     * n + 16 * dst_threads() + 16 there); past cap the whole tensor has been passed over,   \
+     * which sets more entries below lo to x0, as harmless as the ones before */             \
+    int64_t dst_share_##SUF(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, D lo, \
+                            int strict, int64_t *pos, D *val, uint##BITS##_t *seed, int64_t cap,  \
+                            int64_t *differ) {                                               \
+        int runs = threads_for(n, n >> 16);                                                  \
+        if (runs == 1) return share_range_##SUF(x, x0, n, kind, lo, strict, pos, val, seed, cap, differ); \
+        int64_t cnt[MAX_THREADS], dif[MAX_THREADS], c = 0, diff = 0;                         \
+        PARALLEL_FOR                                                                         \
+        for (int t = 0; t < runs; t++) {                                                     \
+            int64_t a = n / runs * t, b = t == runs - 1 ? n : n / runs * (t + 1), at = a + 16 * t; \
+            cnt[t] = share_range_##SUF(x + a, x0 + a, b - a, kind, lo, strict, pos + at, val + at, \
+                                       seed + at, b - a, &dif[t]);                           \
+        }                                                                                    \
+        for (int t = 0; t < runs; t++) {                                                     \
+            c += cnt[t];                                                                     \
+            diff += dif[t];                                                                  \
+        }                                                                                    \
+        if (c > cap) return cap + 1;                                                         \
+        c = 0;                                                                               \
+        for (int t = 0; t < runs; t++) { /* c <= the run's start: moving forward is safe */  \
+            int64_t a = n / runs * t, from = a + 16 * t;                                     \
+            for (int64_t j = 0; j < cnt[t]; j++) {                                           \
+                pos[c + j] = pos[from + j] + a;                                              \
+                val[c + j] = val[from + j];                                                  \
+                seed[c + j] = seed[from + j];                                                \
+            }                                                                                \
+            c += cnt[t];                                                                     \
+        }                                                                                    \
+        *differ = diff;                                                                      \
+        return c;                                                                            \
     }
 
 SHARE(f32, 32, float, bits_f32, dist_f, SHARE16_F32)

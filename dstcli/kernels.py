@@ -273,9 +273,13 @@ def share(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float, strict: bool,
     (which leaves x's top-`cap` alone whenever more than `cap` are at or above lo). x and x0:
     `serves`, flat."""
     cap = max(0, min(int(cap), x.numel()))
-    pos = torch.empty(cap + 16, dtype=torch.long)
-    val = torch.empty(cap + 16, dtype=_WIDE[x.dtype])
-    seed = torch.empty(cap + 16, dtype=x.dtype)
+    threads = _state["lib"].dst_threads()
+    # with threads, each collects its range's candidates at the range's start: the pages touched
+    # are about those the candidates fill (twice, at most, once moved together); the rest are not
+    room = x.numel() + 16 * threads + 16 if threads > 1 else cap + 16
+    pos = torch.empty(room, dtype=torch.long)
+    val = torch.empty(room, dtype=_WIDE[x.dtype])
+    seed = torch.empty(room, dtype=x.dtype)
     differ = ctypes.c_int64(0)
     c = getattr(_state["lib"], f"dst_share_{_SUFFIX[x.dtype]}")(
         x.data_ptr(), x0.data_ptr(), x.numel(), KINDS[kind], lo, int(strict), pos.data_ptr(), val.data_ptr(),

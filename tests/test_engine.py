@@ -1,8 +1,10 @@
+from unittest import mock
+
 import pytest
 import torch
 
 from dstcli.dtypes import bits_view
-from dstcli import engine
+from dstcli import engine, kernels
 from dstcli.engine import DST, bucket_optimizers
 from dstcli.errors import DstError
 from dstcli.select import sample_bracket
@@ -344,6 +346,11 @@ def test_batched_default_on_the_cpu_is_the_global_silo_over_small_tensors():
     assert not DST(small, epsilon=0.01, silo="global", seed="copy").batched  # project() has no buckets
     assert not DST(large, epsilon=0.01, silo="global", seed="none").batched
     assert not DST(small, epsilon=0.01, silo="global", seed="none", batched=False).batched
+    # a budget of 5% or more: tensor by tensor where the CPU kernels serve (faster there)
+    wide = DST(small, epsilon=0.1, silo="global", seed="none").batched
+    assert wide == (kernels.lib() is None)
+    with mock.patch.dict(kernels._state, {"lib": None}):
+        assert DST(small, epsilon=0.1, silo="global", seed="none").batched
 
 
 def test_batched_selection_falls_back_when_the_sample_misleads():
