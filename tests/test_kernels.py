@@ -41,6 +41,19 @@ def pair(m: int, dtype: torch.dtype, kind: str, seed: int):
     return x.to(dtype), x0.to(dtype)
 
 
+def threads(counts=(2, 1)):
+    """Run the body once per OpenMP thread count (torch's, which the kernels share), checking the
+    kernels see it (1 on a build without OpenMP)."""
+    before = torch.get_num_threads()
+    try:
+        for t in counts:
+            torch.set_num_threads(t)
+            assert kernels._state["lib"].dst_threads() == (t if os.environ.get("DSTCLI_PORTABLE_RUN") != "1" else 1)
+            yield t
+    finally:
+        torch.set_num_threads(before)
+
+
 @given(st.integers(8192, 60_000), st.floats(1e-5, 0.999), st.sampled_from(DTYPES), st.sampled_from(DISTANCES),
        st.sampled_from(["rand", "ties", "special", "fool"]), st.integers(0, 10_000))
 @settings(max_examples=120, deadline=None)
@@ -136,19 +149,6 @@ def test_rows_is_rows_indices_then_reset(R, m, dtype, kind, case, hints, seed, d
     assert torch.equal(bits_view(out.reshape(-1)), bits_view(expect))
     assert differ == int(torch.count_nonzero(bits_view(flat[want]) != bits_view(flat0[want])))
     assert np.array_equal(hint[k > 0], kth.numpy().astype(wide)[k > 0])
-
-
-def threads(counts=(2, 1)):
-    """Run the body once per OpenMP thread count (torch's, which the kernels share), checking the
-    kernels see it (1 on a build without OpenMP)."""
-    before = torch.get_num_threads()
-    try:
-        for t in counts:
-            torch.set_num_threads(t)
-            assert kernels._state["lib"].dst_threads() == (t if os.environ.get("DSTCLI_PORTABLE_RUN") != "1" else 1)
-            yield t
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -267,25 +267,29 @@ BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 @pytest.mark.parametrize("kind", DISTANCES)
 @pytest.mark.parametrize("case", ["rand", "ties", "special"])
 @pytest.mark.parametrize("strict", [False, True])
-def test_share_is_candidates_then_reset(dtype, kind, case, strict):
-    x, x0 = pair(30_001, dtype, case, 5)  # odd: the 16-wide loop leaves a tail
-    lo = float(distance(x, x0, kind).median()) if case != "special" else 0.0
-    want_x = x.clone()
-    pos, val = kernels.candidates(want_x, x0, kind, lo, strict, x.numel())
-    vals, seed_vals = kernels.reset(want_x, x0, pos)
-    bits = BITS[x.element_size()]
-    before = x.clone()
-    assert kernels.share(x, x0, kind, lo, strict, len(pos) - 1) is None  # one too many: x's top part stays
-    below = distance(before, x0, kind) <= lo if strict else distance(before, x0, kind) < lo
-    assert torch.equal(x.view(bits)[~below], before.view(bits)[~below])
-    xb, b0 = x.view(bits)[below], x0.view(bits)[below]
-    assert bool(((xb == before.view(bits)[below]) | (xb == b0)).all()) and (not len(xb) or bool((xb == b0).any()))
-    x = before
-    got_pos, got_val, got_seed, differ = kernels.share(x, x0, kind, lo, strict, len(pos))
-    assert torch.equal(got_pos, pos) and torch.equal(got_val, val)
-    assert torch.equal(got_seed.view(bits), seed_vals.view(bits)) and torch.equal(x.view(bits), want_x.view(bits))
-    assert differ == int(torch.count_nonzero(vals.view(bits) != seed_vals.view(bits)))
-    assert 0 < len(pos) < x.numel() or (case == "special" and not strict)  # lo = 0: everything is in
+@pytest.mark.parametrize("m", [30_001, 300_001])
+def test_share_is_candidates_then_reset(dtype, kind, case, strict, m):
+    # odd sizes: the 16-wide loop leaves a tail; 300,001 entries: split between threads
+    x_, x0_ = pair(m, dtype, case, 5)
+    lo = float(distance(x_, x0_, kind).median()) if case != "special" else 0.0
+    for _ in threads() if m >= 1 << 18 else [1]:
+        x, x0 = x_.clone(), x0_
+        want_x = x.clone()
+        pos, val = kernels.candidates(want_x, x0, kind, lo, strict, x.numel())
+        vals, seed_vals = kernels.reset(want_x, x0, pos)
+        bits = BITS[x.element_size()]
+        before = x.clone()
+        assert kernels.share(x, x0, kind, lo, strict, len(pos) - 1) is None  # one too many: x's top part stays
+        below = distance(before, x0, kind) <= lo if strict else distance(before, x0, kind) < lo
+        assert torch.equal(x.view(bits)[~below], before.view(bits)[~below])
+        xb, b0 = x.view(bits)[below], x0.view(bits)[below]
+        assert bool(((xb == before.view(bits)[below]) | (xb == b0)).all()) and (not len(xb) or bool((xb == b0).any()))
+        x = before
+        got_pos, got_val, got_seed, differ = kernels.share(x, x0, kind, lo, strict, len(pos))
+        assert torch.equal(got_pos, pos) and torch.equal(got_val, val)
+        assert torch.equal(got_seed.view(bits), seed_vals.view(bits)) and torch.equal(x.view(bits), want_x.view(bits))
+        assert differ == int(torch.count_nonzero(vals.view(bits) != seed_vals.view(bits)))
+        assert 0 < len(pos) < x.numel() or (case == "special" and not strict)  # lo = 0: everything is in
 
 
 def top_k_mask(vals: np.ndarray, k: int) -> np.ndarray:
