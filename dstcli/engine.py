@@ -839,19 +839,21 @@ class DST:
         return kth
 
     def _cuttable(self, name: str, vals: torch.Tensor) -> bool:
-        """Whether kernels.cut takes this part of the pool (compacted in place)."""
+        """Whether kernels.cut_many takes this part of the pool (compacted in place)."""
         kept = self.kept[name]
         return (kernels.serves(self.params[name], kept.seed_vals) and kept.idx.dtype == torch.long
                 and kept.idx.is_contiguous() and vals.is_contiguous())
 
     def _cut_fused(self, pool: list[tuple[str, torch.Tensor]], K: int) -> float:
         """`_cut_pool` on the CPU: the K-th largest distance from a sampled bracket, then one pass
-        over each part keeps, compacts and resets (kernels.cut), in pool order for the ties."""
-        tau, need = kth_largest([vals.numpy() for _, vals in pool], K)
+        over each part keeps, compacts and resets (kernels.cut_many), in pool order for the ties
+        (or on several threads where every tie fits)."""
+        tau, need, ties = kth_largest([vals.numpy() for _, vals in pool], K)
         left = np.array([need], dtype=np.int64)  # ties at tau that still fit, counted down in order
-        for i, (name, vals) in enumerate(pool):
+        cuts = kernels.cut_many([(self.params[name].detach().view(-1), self.kept[name].idx, self.kept[name].seed_vals,
+                                  vals) for name, vals in pool], tau, left, ties == need)
+        for i, ((name, vals), (k, differ)) in enumerate(zip(pool, cuts)):
             kept = self.kept[name]
-            k, differ = kernels.cut(self.params[name].detach().view(-1), kept.idx, kept.seed_vals, vals, tau, left)
             if k == len(vals):
                 continue
             idx, seed_vals, vals = kept.idx[:k], kept.seed_vals[:k], vals[:k]

@@ -26,6 +26,7 @@
  *                 ones above tau stay, then ties at tau while the shared `need` lasts (the pool is
  *                 cut in position order), never a distance <= 0; the others go back to their
  *                 x0 values in x. Compacts the candidates in place, counts the ones that differ.
+ *   dst_cut_many_* dst_cut_* over a pool's parts in one call (on several threads where every tie fits)
  *
  * Compiled with -ffp-contract=off: no fused multiply-adds, so the arithmetic rounds as torch's.
  */
@@ -52,6 +53,7 @@ static int threads_for(int64_t n, int64_t items) {
     return t < 1 ? 1 : t;
 }
 #define PARALLEL_FOR _Pragma("omp parallel for num_threads(runs) schedule(static, 1)")
+#define PARALLEL_FOR_DYNAMIC_SUM _Pragma("omp parallel for num_threads(runs) schedule(dynamic, 1) reduction(+:used)")
 #else
 static int threads_for(int64_t n, int64_t items) {
     (void)n;
@@ -59,6 +61,7 @@ static int threads_for(int64_t n, int64_t items) {
     return 1;
 }
 #define PARALLEL_FOR
+#define PARALLEL_FOR_DYNAMIC_SUM
 #endif
 
 /* how many threads the kernels may use (1 without OpenMP) */
@@ -501,6 +504,39 @@ CUT(f32, float, 32, FAST_CUT_32)
 CUT(f64, double, 16, )
 CUT(f64, double, 32, )
 CUT(f64, double, 64, )
+
+/* dst_cut_many_*: dst_cut_* over parts 0..n-1 of a pool (x[p], pos[p], seed[p], val[p], count[p]
+ * candidates), in order with the shared *need_io; where every tie at tau fits (all_fit: the
+ * pool holds no more values equal to tau than fit), the order does not matter and the parts go
+ * to several threads from PARALLEL_MIN candidates on. kept[p], differ[p]: each part's dst_cut_*. */
+#define CUT_MANY(SUF, D, BITS)                                                               \
+    void dst_cut_many_##SUF##_##BITS(int64_t n, uint##BITS##_t *const *x, int64_t *const *pos, \
+                                     uint##BITS##_t *const *seed, D *const *val, const int64_t *count, \
+                                     D tau, int64_t *need_io, int all_fit, int64_t *kept, int64_t *differ) { \
+        int64_t total = 0;                                                                   \
+        for (int64_t p = 0; p < n; p++) total += count[p];                                   \
+        if (!all_fit) {                                                                      \
+            for (int64_t p = 0; p < n; p++)                                                  \
+                kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, need_io, &differ[p]); \
+            return;                                                                          \
+        }                                                                                    \
+        int runs = threads_for(total, n);                                                    \
+        int64_t used = 0; /* the ties kept, taken off *need_io as in order */                \
+        PARALLEL_FOR_DYNAMIC_SUM                                                             \
+        for (int64_t p = 0; p < n; p++) {                                                    \
+            int64_t need = INT64_MAX;                                                        \
+            kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, &need, &differ[p]); \
+            used += INT64_MAX - need;                                                        \
+        }                                                                                    \
+        *need_io -= used;                                                                    \
+        (void)runs;                                                                          \
+    }
+
+CUT_MANY(f32, float, 16)
+CUT_MANY(f32, float, 32)
+CUT_MANY(f64, double, 16)
+CUT_MANY(f64, double, 32)
+CUT_MANY(f64, double, 64)
 
 /* dst_bracket_*: of c values, the ones in [lo, hi] copied to inside (room for c + 16); returns how
  * many, and counts the ones above hi */

@@ -150,8 +150,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
     for suf, real, bits in (("f32", F, "16"), ("f32", F, "32"), ("f64", D, "16"), ("f64", D, "32"), ("f64", D, "64")):
-        f = getattr(lib, f"dst_cut_{suf}_{bits}")
-        f.restype, f.argtypes = I, [P, P, P, P, I, real, P, P]
+        f = getattr(lib, f"dst_cut_many_{suf}_{bits}")
+        f.restype, f.argtypes = None, [I, P, P, P, P, P, real, P, C, P, P]
     return lib
 
 
@@ -289,21 +289,6 @@ def share(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float, strict: bool,
     return pos[:c], val[:c], seed[:c], differ.value
 
 
-def cut(x: torch.Tensor, pos: torch.Tensor, seed: torch.Tensor, val: torch.Tensor, tau: float,
-        need: np.ndarray) -> tuple[int, int]:
-    """One tensor's share of a global silo's pool cut at tau: of its candidates (ascending int64
-    positions in x, x0's values there, their distances, float32 or float64) those above tau stay,
-    then those equal to tau while `need` lasts (one int64 in a NumPy array, counted down in place:
-    the pool's parts share it, in order), never a distance <= 0; the others are set back to their
-    x0 values in x. pos, seed and val are compacted in place; returns how many stay and how many
-    of those differ from x0. x: `serves`, flat."""
-    differ = ctypes.c_int64(0)
-    k = getattr(_state["lib"], f"dst_cut_{_SUFFIX[val.dtype]}_{_BITS[x.element_size()]}")(
-        x.data_ptr(), pos.data_ptr(), seed.data_ptr(), val.data_ptr(), len(pos), tau, need.ctypes.data,
-        ctypes.byref(differ))
-    return k, differ.value
-
-
 def kth(values: np.ndarray, j: int, rounds: int = 64) -> tuple[float, int]:
     """The j-th smallest of values (float32 or float64, NaN-free; 0 <= j < len) and how many are
     above it, by dst_kth_* on a copy (`rounds`: the quickselect's rounds before it sorts what is
@@ -384,3 +369,31 @@ def rows(x: torch.Tensor, x0: torch.Tensor, k: np.ndarray, kind: str, hint: np.n
     if c < 0:
         raise MemoryError("out of memory for the row kernels' scratch")
     return pos[:c], seed[:c], differ.value
+
+
+def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], tau: float,
+             need: np.ndarray, all_fit: bool) -> list[tuple[int, int]]:
+    """A global silo's pool cut at tau, over its parts in order, (x, pos, seed, val) each: of a
+    part's candidates (ascending int64 positions in x, x0's values there, their distances, float32
+    or float64) those above tau stay, then those equal to tau while `need` lasts (one int64 in a
+    NumPy array, counted down in place: the parts share it, in order), never a distance <= 0; the
+    others are set back to their x0 values in x. pos, seed and val are compacted in place; returns,
+    for each part, how many stay and how many of those differ from x0. One call per run of parts of
+    one kind (distances' dtype, x's width). all_fit: every value equal to tau fits
+    (select.kth_largest's ties == need), so the parts may go to several threads. x: `serves`, flat."""
+    out: list[tuple[int, int]] = []
+    at = 0
+    while at < len(parts):
+        kind = (parts[at][3].dtype, parts[at][0].element_size())
+        end = at
+        while end < len(parts) and (parts[end][3].dtype, parts[end][0].element_size()) == kind:
+            end += 1
+        run, n = parts[at:end], end - at
+        ptrs = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in col]) for col in zip(*run)]
+        count = np.array([len(p[1]) for p in run], dtype=np.int64)
+        kept, differ = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        getattr(_state["lib"], f"dst_cut_many_{_SUFFIX[kind[0]]}_{_BITS[kind[1]]}")(
+            n, *ptrs, count.ctypes.data, tau, need.ctypes.data, int(all_fit), kept.ctypes.data, differ.ctypes.data)
+        out += zip(kept.tolist(), differ.tolist())
+        at = end
+    return out

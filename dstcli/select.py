@@ -179,10 +179,11 @@ def _kth_inside(inside: np.ndarray, n_above: int, k: int, ties: bool) -> tuple[f
     return float(tau), k - n_above - int(np.count_nonzero(inside > tau))
 
 
-def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int]:
+def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int, int]:
     """For positive values in parts (1-D float arrays, taken together in order), more than k in
-    all: the k-th largest, tau, and how many of the k largest equal it (the ties at tau that
-    fit: top_indices keeps them from the lowest position). Bracketed by a sample as top_indices
+    all: the k-th largest, tau, how many of the k largest equal it (the ties at tau that fit:
+    top_indices keeps them from the lowest position) and how many values in all equal it (where
+    the two agree, every tie fits and the order of the parts does not matter). Bracketed by a sample as top_indices
     (1 in 256, strided through the parts as if they were one array), so apart from the sample one
     pass over the parts (kernels.bracket where built) collects the values inside the bracket; a
     sample that misled costs a partition of everything instead."""
@@ -202,10 +203,11 @@ def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int]:
             above = cand > cand.dtype.type(hi)
             inside, n_above = cand[~above], int(np.count_nonzero(above))
         if len(inside) + n_above >= k and n_above < k:  # else the sample misled
-            return _kth_inside(inside, n_above, k, ties)
+            tau, need = _kth_inside(inside, n_above, k, ties)
+            return tau, need, int(np.count_nonzero(inside == inside.dtype.type(tau)))  # ties are inside
     every = np.concatenate(parts)
     tau = _nth(every, m - k, False)
-    return float(tau), k - int(np.count_nonzero(every > tau))
+    return float(tau), k - int(np.count_nonzero(every > tau)), int(np.count_nonzero(every == tau))
 
 
 def _bracketed_numpy(a: np.ndarray, cand: np.ndarray, k: int, hi: float | None,

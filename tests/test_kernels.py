@@ -319,7 +319,7 @@ def test_kth_largest_is_the_sorted_kth(sizes, frac, quantized, dtype, seed):
         return
     k = 1 + int(frac * (len(every) - 2))  # 1 .. m - 1
     ranked = np.sort(every)[::-1]
-    want = (ranked[k - 1], k - int(np.count_nonzero(every > ranked[k - 1])))
+    want = (ranked[k - 1], k - int(np.count_nonzero(every > ranked[k - 1])), int(np.count_nonzero(every == ranked[k - 1])))
     assert kth_largest(parts, k) == want
     with mock.patch.dict(kernels._state, {"lib": None}):  # NumPy's compares instead of dst_bracket_*
         assert kth_largest(parts, k) == want
@@ -332,18 +332,19 @@ def test_kth_largest_when_the_sample_misleads():
     every = np.ones(m, dtype=np.float32)
     every[::stride] = 0.5
     parts = np.split(every, [70_000, 130_001])
-    assert kth_largest(parts, k) == (1.0, k) and kth_largest(parts, m - 100) == (0.5, m - 100 - np.count_nonzero(every == 1))
+    ones = int(np.count_nonzero(every == 1))
+    assert kth_largest(parts, k) == (1.0, k, ones) and kth_largest(parts, m - 100) == (0.5, m - 100 - ones, m - ones)
 
 
 @given(st.lists(st.integers(0, 30_000), min_size=1, max_size=5), st.floats(0.0, 1.0), st.booleans(),
        st.sampled_from([(np.float32, torch.float32), (np.float32, torch.bfloat16), (np.float64, torch.float16),
                         (np.float64, torch.float32), (np.float64, torch.float64)]),
-       st.sampled_from(["dense", "sparse", "mixed"]), st.integers(0, 10_000))
+       st.sampled_from(["dense", "sparse", "mixed"]), st.integers(0, 10_000), st.booleans())
 @settings(max_examples=60, deadline=None)
-def test_cut_keeps_the_pools_top_k(sizes, frac, quantized, types, layout, seed):
-    """A pool cut, part by part, keeps exactly the pool's top-k (ties to the earlier part and the
-    lower position), sets every other candidate back to its seed value and counts the survivors
-    that differ from theirs."""
+def test_cut_keeps_the_pools_top_k(sizes, frac, quantized, types, layout, seed, many):
+    """A pool cut, part by part (or all parts in one call: cut_many), keeps exactly the pool's
+    top-k (ties to the earlier part and the lower position), sets every other candidate back to
+    its seed value and counts the survivors that differ from theirs."""
     vdtype, xdtype = types
     parts = pool_values(sizes, quantized, vdtype, seed)
     m = sum(len(v) for v in parts)
@@ -353,8 +354,9 @@ def test_cut_keeps_the_pools_top_k(sizes, frac, quantized, types, layout, seed):
     g = torch.Generator().manual_seed(seed)
     bits = BITS[torch.empty(0, dtype=xdtype).element_size()]
     keep = np.split(top_k_mask(np.concatenate(parts), k), np.cumsum([len(v) for v in parts])[:-1])
-    tau, need = kth_largest(parts, k)
+    tau, need, ties = kth_largest(parts, k)
     left = np.array([need], dtype=np.int64)
+    built = []
     for i, (v, kept) in enumerate(zip(parts, keep)):
         n = len(v)
         sparse = layout == "sparse" or (layout == "mixed" and i % 2)
@@ -366,7 +368,12 @@ def test_cut_keeps_the_pools_top_k(sizes, frac, quantized, types, layout, seed):
         want_x = x.clone()
         want_x[pos[~torch.from_numpy(kept)]] = seed_vals[~torch.from_numpy(kept)]
         ours = (pos.clone(), seed_vals.clone(), torch.from_numpy(v.copy()))
-        got, differ = kernels.cut(x, *ours, tau, left)
+        built.append((x, ours, pos, seed_vals, want_x, v, kept))
+    if many:
+        results = kernels.cut_many([(b[0], *b[1]) for b in built], tau, left, ties == need)
+    else:
+        results = [kernels.cut_many([(b[0], *b[1])], tau, left, False)[0] for b in built]  # a call a part
+    for (x, ours, pos, seed_vals, want_x, v, kept), (got, differ) in zip(built, results):
         mask = torch.from_numpy(kept)
         assert got == int(mask.sum())
         assert torch.equal(ours[0][:got], pos[mask]) and np.array_equal(ours[2][:got].numpy(), v[kept])
@@ -374,6 +381,32 @@ def test_cut_keeps_the_pools_top_k(sizes, frac, quantized, types, layout, seed):
         assert torch.equal(x.view(bits), want_x.view(bits))
         assert differ == int(torch.count_nonzero(x[pos[mask]].view(bits) != seed_vals[mask].view(bits)))
     assert left[0] == 0
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_cut_many_gives_the_same_on_any_number_of_threads(quantized):
+    """From 2^18 candidates on, where every tie fits (continuous values), cut_many cuts the parts
+    on several threads; with ties to ration (quantized values) in order: the same either way."""
+    parts = pool_values([60_000, 5, 90_000, 0, 70_000, 80_000], quantized, np.float32, 11)
+    k = 123_457
+    tau, need, ties = kth_largest(parts, k)
+    assert (ties == need) != quantized
+    keep = top_k_mask(np.concatenate(parts), k)
+    got = {}
+    for t in threads():
+        g = torch.Generator().manual_seed(3)
+        pool = [(torch.randn(len(v), generator=g), torch.arange(len(v)), torch.randn(len(v), generator=g),
+                 torch.from_numpy(v.copy())) for v in parts]
+        left = np.array([need], dtype=np.int64)
+        res = kernels.cut_many(pool, tau, left, ties == need)
+        assert sum(r[0] for r in res) == int(keep.sum()) and left[0] == 0
+        got[t] = (res, [(x.view(torch.int32).clone(), pos[:r[0]].clone()) for (x, pos, _, _), r in zip(pool, res)])
+    assert got[2][0] == got[1][0]
+    for (xa, pa), (xb, pb) in zip(got[2][1], got[1][1]):
+        assert torch.equal(xa, xb) and torch.equal(pa, pb)
+    assert torch.equal(torch.cat([p for _, p in got[1][1]]),
+                       torch.from_numpy(np.concatenate([np.flatnonzero(m) for m in np.split(
+                           keep, np.cumsum([len(v) for v in parts])[:-1])])))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -426,11 +459,11 @@ def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind):
         return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}, dst.nonseed()
 
     calls = []
-    for name in ("share", "cut"):
+    for name in ("share", "cut_many"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     fused = run()
-    assert {"share", "cut"} <= set(calls)  # the pool ran on the kernels
+    assert {"share", "cut_many"} <= set(calls)  # the pool ran on the kernels
     monkeypatch.setitem(kernels._state, "lib", None)  # as without a compiler
     plain = run()
     for a, b in zip(fused[:2], plain[:2]):
