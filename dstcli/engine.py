@@ -698,7 +698,7 @@ class DST:
         if rows == 1 and self.gather is None and self._top_fused(name, seed, k):
             return
         if rows > 1 and kernels.serves(p, seed):
-            self._rows_fused(name, seed)
+            self._project_rows(name, seed)
             return
         d = distance(p, seed, self.distance)
         if rows == 1:
@@ -728,7 +728,7 @@ class DST:
         self.kept[name] = _Kept(idx, seed_vals)
         return True
 
-    def _rows_fused(self, name: str, seed: torch.Tensor) -> None:
+    def _project_rows(self, name: str, seed: torch.Tensor) -> None:
         """Row silos' selection and reset in one call on the CPU kernels (kernels.rows), each row's
         ranking started from its k-th largest distance of the last selection."""
         p = self.params[name].detach()
