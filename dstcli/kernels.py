@@ -1,20 +1,23 @@
 """Compiled CPU kernels for the DST step (kernels.c), built on first use, with a torch fallback.
 
 On the CPU the projection is bound by passes over memory: torch computes the distances, then
-compares, gathers and copies, each a pass of its own. kernels.c fuses them (distances and the
-candidates above a threshold in one pass, without a distance tensor; the kept set and the reset in
-another; for the global silo, a tensor's share of the pool with the reset in one pass and each
-cut of the pool in one pass a tensor) and gives the same bits. select.py and engine.py call them where they serve (a CPU tensor
-of float32, bfloat16 or float64, laid out contiguously) and take their torch paths otherwise.
+compares, gathers and copies, each a pass of its own. kernels.c fuses them and gives the same
+bits: a tensor silo's whole projection in one call (`top`: sample, bracket, candidates, k-th
+largest, tie rule, reset), row silos' and small silos' likewise a row at a time (`rows`), the
+global silo's share of each tensor with its reset in one pass (`share`) and each cut of the pool
+in one call over its parts (`cut_many`). select.py and engine.py call them where they serve (a
+CPU tensor of float32, bfloat16 or float64, laid out contiguously) and take their torch paths
+otherwise.
 
 The first call compiles kernels.c with the machine's C compiler (`$CC`, else `cc`; -O3
--march=native) into dstcli's cache folder (`$DSTCLI_CACHE`, else `$XDG_CACHE_HOME/dstcli`, else
-~/.cache/dstcli; a private temp folder where that cannot be written), named by a hash of the
-source, the flags, the compiler and the CPU, so later processes load it in a millisecond. Without
-a compiler, with a damaged build in the cache, or with DSTCLI_KERNELS=0, `lib()` is None and
-`why()` says why; results are the same, only slower.
+-march=native -fopenmp, dropping flags the compiler refuses) into dstcli's cache folder
+(`$DSTCLI_CACHE`, else `$XDG_CACHE_HOME/dstcli`, else ~/.cache/dstcli; a private temp folder where
+that cannot be written), named by a hash of the source, the flags, the compiler and the CPU, so
+later processes load it in a millisecond. With OpenMP the largest passes use torch's threads
+(the same runtime, already loaded), in runs put together in order: the bits never depend on the
+number of threads. Without a compiler, with a damaged build in the cache, or with
+DSTCLI_KERNELS=0, `lib()` is None and `why()` says why; results are the same, only slower.
 """
-
 from __future__ import annotations
 
 import ctypes
