@@ -26,7 +26,8 @@
  *                 ones above tau stay, then ties at tau while the shared `need` lasts (the pool is
  *                 cut in position order), never a distance <= 0; the others go back to their
  *                 x0 values in x. Compacts the candidates in place, counts the ones that differ.
- *   dst_cut_many_* dst_cut_* over a pool's parts in one call (on several threads where every tie fits)
+ *   dst_cut_many_* dst_cut_* over a pool's parts in one call (on several threads, each part's ties
+ *                 at tau budgeted as the shared count would)
  *
  * Compiled with -ffp-contract=off: no fused multiply-adds, so the arithmetic rounds as torch's.
  */
@@ -53,6 +54,7 @@ static int threads_for(int64_t n, int64_t items) {
     return t < 1 ? 1 : t;
 }
 #define PARALLEL_FOR _Pragma("omp parallel for num_threads(runs) schedule(static, 1)")
+#define PARALLEL_FOR_DYNAMIC _Pragma("omp parallel for num_threads(runs) schedule(dynamic, 1)")
 #define PARALLEL_FOR_DYNAMIC_SUM _Pragma("omp parallel for num_threads(runs) schedule(dynamic, 1) reduction(+:used)")
 #else
 static int threads_for(int64_t n, int64_t items) {
@@ -61,6 +63,7 @@ static int threads_for(int64_t n, int64_t items) {
     return 1;
 }
 #define PARALLEL_FOR
+#define PARALLEL_FOR_DYNAMIC
 #define PARALLEL_FOR_DYNAMIC_SUM
 #endif
 
@@ -506,30 +509,49 @@ CUT(f64, double, 32, )
 CUT(f64, double, 64, )
 
 /* dst_cut_many_*: dst_cut_* over parts 0..n-1 of a pool (x[p], pos[p], seed[p], val[p], count[p]
- * candidates), in order with the shared *need_io; where every tie at tau fits (all_fit: the
- * pool holds no more values equal to tau than fit), the order does not matter and the parts go
- * to several threads from PARALLEL_MIN candidates on. kept[p], differ[p]: each part's dst_cut_*. */
+ * candidates), as if in order with the shared *need_io. From PARALLEL_MIN candidates on the parts
+ * go to several threads: where every tie at tau fits (all_fit: the pool holds no more values
+ * equal to tau than fit) each part keeps all of its own; otherwise each part's ties are counted
+ * first and it gets what the parts before it leave (min(its ties, what is left)), which is what
+ * the shared counter would give it. kept[p], differ[p]: each part's dst_cut_*. Returns -1 where
+ * memory ran out (nothing done), else 0. */
 #define CUT_MANY(SUF, D, BITS)                                                               \
-    void dst_cut_many_##SUF##_##BITS(int64_t n, uint##BITS##_t *const *x, int64_t *const *pos, \
-                                     uint##BITS##_t *const *seed, D *const *val, const int64_t *count, \
-                                     D tau, int64_t *need_io, int all_fit, int64_t *kept, int64_t *differ) { \
+    int dst_cut_many_##SUF##_##BITS(int64_t n, uint##BITS##_t *const *x, int64_t *const *pos, \
+                                    uint##BITS##_t *const *seed, D *const *val, const int64_t *count, \
+                                    D tau, int64_t *need_io, int all_fit, int64_t *kept, int64_t *differ) { \
         int64_t total = 0;                                                                   \
         for (int64_t p = 0; p < n; p++) total += count[p];                                   \
-        if (!all_fit) {                                                                      \
+        int runs = threads_for(total, n);                                                    \
+        if (runs == 1) {                                                                     \
             for (int64_t p = 0; p < n; p++)                                                  \
                 kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, need_io, &differ[p]); \
-            return;                                                                          \
+            return 0;                                                                        \
         }                                                                                    \
-        int runs = threads_for(total, n);                                                    \
-        int64_t used = 0; /* the ties kept, taken off *need_io as in order */                \
+        int64_t *share = malloc((size_t)n * sizeof(int64_t)), used = 0;                      \
+        if (!share) return -1;                                                               \
+        if (all_fit) {                                                                       \
+            for (int64_t p = 0; p < n; p++) share[p] = INT64_MAX;                            \
+        } else {                                                                             \
+            PARALLEL_FOR_DYNAMIC                                                             \
+            for (int64_t p = 0; p < n; p++) { /* each part's ties at tau */                  \
+                int64_t t = 0;                                                               \
+                for (int64_t j = 0; j < count[p]; j++) t += val[p][j] == tau;                \
+                share[p] = t;                                                                \
+            }                                                                                \
+            for (int64_t p = 0, left = *need_io; p < n; p++) {                               \
+                share[p] = share[p] < left ? share[p] : left;                                \
+                left -= share[p];                                                            \
+            }                                                                                \
+        }                                                                                    \
         PARALLEL_FOR_DYNAMIC_SUM                                                             \
         for (int64_t p = 0; p < n; p++) {                                                    \
-            int64_t need = INT64_MAX;                                                        \
+            int64_t need = share[p];                                                         \
             kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, &need, &differ[p]); \
-            used += INT64_MAX - need;                                                        \
+            used += share[p] - need;                                                         \
         }                                                                                    \
+        free(share);                                                                         \
         *need_io -= used;                                                                    \
-        (void)runs;                                                                          \
+        return 0;                                                                            \
     }
 
 CUT_MANY(f32, float, 16)

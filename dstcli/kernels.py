@@ -154,7 +154,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
     for suf, real, bits in (("f32", F, "16"), ("f32", F, "32"), ("f64", D, "16"), ("f64", D, "32"), ("f64", D, "64")):
         f = getattr(lib, f"dst_cut_many_{suf}_{bits}")
-        f.restype, f.argtypes = None, [I, P, P, P, P, P, real, P, C, P, P]
+        f.restype, f.argtypes = C, [I, P, P, P, P, P, real, P, C, P, P]
     return lib
 
 
@@ -382,8 +382,9 @@ def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     NumPy array, counted down in place: the parts share it, in order), never a distance <= 0; the
     others are set back to their x0 values in x. pos, seed and val are compacted in place; returns,
     for each part, how many stay and how many of those differ from x0. One call per run of parts of
-    one kind (distances' dtype, x's width). all_fit: every value equal to tau fits
-    (select.kth_largest's ties == need), so the parts may go to several threads. x: `serves`, flat."""
+    one kind (distances' dtype, x's width), the parts on several threads from 2^18 candidates on
+    (each part's ties budgeted as the shared count would). all_fit: every value equal to tau fits
+    (select.kth_largest's ties == need), which spares counting them. x: `serves`, flat."""
     out: list[tuple[int, int]] = []
     at = 0
     while at < len(parts):
@@ -395,8 +396,9 @@ def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
         ptrs = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in col]) for col in zip(*run)]
         count = np.array([len(p[1]) for p in run], dtype=np.int64)
         kept, differ = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-        getattr(_state["lib"], f"dst_cut_many_{_SUFFIX[kind[0]]}_{_BITS[kind[1]]}")(
-            n, *ptrs, count.ctypes.data, tau, need.ctypes.data, int(all_fit), kept.ctypes.data, differ.ctypes.data)
+        if getattr(_state["lib"], f"dst_cut_many_{_SUFFIX[kind[0]]}_{_BITS[kind[1]]}")(
+                n, *ptrs, count.ctypes.data, tau, need.ctypes.data, int(all_fit), kept.ctypes.data, differ.ctypes.data):
+            raise MemoryError("out of memory for the pool cut's tie budgets")
         out += zip(kept.tolist(), differ.tolist())
         at = end
     return out

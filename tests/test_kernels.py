@@ -385,8 +385,9 @@ def test_cut_keeps_the_pools_top_k(sizes, frac, quantized, types, layout, seed, 
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_cut_many_gives_the_same_on_any_number_of_threads(quantized):
-    """From 2^18 candidates on, where every tie fits (continuous values), cut_many cuts the parts
-    on several threads; with ties to ration (quantized values) in order: the same either way."""
+    """From 2^18 candidates on, cut_many cuts the parts on several threads: where every tie fits
+    (continuous values) each keeps its own, else (quantized values) each part's ties are counted
+    and budgeted as the shared count would: the same as one thread and as a full sort."""
     parts = pool_values([60_000, 5, 90_000, 0, 70_000, 80_000], quantized, np.float32, 11)
     k = 123_457
     tau, need, ties = kth_largest(parts, k)
