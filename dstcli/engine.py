@@ -790,6 +790,10 @@ class DST:
                 idx, vals, seed_vals, self._nonseed[name] = got
                 self.kept[name] = _Kept(idx, seed_vals)
                 return vals
+        # its own top-K: where more than K lie above the floor (or there is none) all of them do
+        if fused and self._top_fused(name, seed, K):
+            kept = self.kept[name]
+            return distance(p.view(-1)[kept.idx], kept.seed_vals, self.distance)
         idx = top_positions(p, seed, K, self.distance) if fused else None
         if idx is not None:
             vals = distance(p.view(-1)[idx], seed.view(-1)[idx], self.distance)
