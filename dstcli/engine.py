@@ -50,7 +50,7 @@ from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
 from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, kth_largest, positions_above, rows_indices, rows_keep,
-                           segments_keep, sparse_bracket, top_indices, top_positions)
+                           segments_keep, sparse_bracket, top_indices)
 from dstcli.silos import allocate, budget_total, silo_rows
 
 
@@ -794,15 +794,11 @@ class DST:
         if fused and self._top_fused(name, seed, K):
             kept = self.kept[name]
             return distance(p.view(-1)[kept.idx], kept.seed_vals, self.distance)
-        idx = top_positions(p, seed, K, self.distance) if fused else None
-        if idx is not None:
-            vals = distance(p.view(-1)[idx], seed.view(-1)[idx], self.distance)
-        else:
-            d = distance(p, seed, self.distance).view(-1)
-            idx = positions_above(d, floor, strict=True) if floor is not None else None
-            if idx is None or len(idx) > K:
-                idx = top_indices(d, K)
-            vals = d[idx]
+        d = distance(p, seed, self.distance).view(-1)
+        idx = positions_above(d, floor, strict=True) if floor is not None else None
+        if idx is None or len(idx) > K:
+            idx = top_indices(d, K)
+        vals = d[idx]
         if floor is not None:
             above = vals > floor
             idx, vals = idx[above], vals[above]

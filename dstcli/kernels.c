@@ -121,16 +121,24 @@ static inline __m512 dist_v16(__m512 a, __m512 b, int kind) {
     return _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q), _mm512_set1_ps(INFINITY));
 }
 
-/* 16 distances d at positions i.. : the candidates' distances and positions packed at slot c
- * (compressed in registers, then stored whole: compress-to-memory is slow on some CPUs). */
-static inline int64_t pack16(__m512 d, __mmask16 m, int64_t i, int64_t c, int64_t *pos, float *val) {
-    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-    __m512i p0 = _mm512_add_epi64(_mm512_set1_epi64(i), lanes);
-    __m512i p1 = _mm512_add_epi64(p0, _mm512_set1_epi64(8));
+/* 16 positions (p0, then p1) packed at out where m is set (compressed in registers, then
+ * stored whole, 16 slots written: compress-to-memory is slow on some CPUs) */
+static inline void store_pos16(int64_t *out, __m512i p0, __m512i p1, __mmask16 m) {
     __mmask8 m0 = (__mmask8)m, m1 = (__mmask8)(m >> 8);
+    _mm512_storeu_si512((void *)out, _mm512_maskz_compress_epi64(m0, p0));
+    _mm512_storeu_si512((void *)(out + __builtin_popcount(m0)), _mm512_maskz_compress_epi64(m1, p1));
+}
+
+/* the positions first .. first + 15 packed at out where m is set */
+static inline void store_run16(int64_t *out, int64_t first, __mmask16 m) {
+    __m512i p0 = _mm512_add_epi64(_mm512_set1_epi64(first), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+    store_pos16(out, p0, _mm512_add_epi64(p0, _mm512_set1_epi64(8)), m);
+}
+
+/* 16 distances d at positions i.. : the candidates' distances and positions packed at slot c */
+static inline int64_t pack16(__m512 d, __mmask16 m, int64_t i, int64_t c, int64_t *pos, float *val) {
     _mm512_storeu_ps(val + c, _mm512_maskz_compress_ps(m, d));
-    _mm512_storeu_si512((void *)(pos + c), _mm512_maskz_compress_epi64(m0, p0));
-    _mm512_storeu_si512((void *)(pos + c + __builtin_popcount(m0)), _mm512_maskz_compress_epi64(m1, p1));
+    store_run16(pos + c, i, m);
     return c + __builtin_popcount(m);
 }
 
@@ -283,11 +291,8 @@ SAMPLE(f64, double, double, AS_IS, dist_d)
         }                                                                                    \
         __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_GT_OQ)                 \
                       & _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);              \
-        __mmask8 m0 = (__mmask8)m, m1 = (__mmask8)(m >> 8);                                  \
-        _mm512_storeu_si512((void *)(kpos + k), _mm512_maskz_compress_epi64(m0,               \
-                            _mm512_loadu_si512((const void *)(pos + j))));                   \
-        _mm512_storeu_si512((void *)(kpos + k + __builtin_popcount(m0)),                     \
-                            _mm512_maskz_compress_epi64(m1, _mm512_loadu_si512((const void *)(pos + j + 8)))); \
+        store_pos16(kpos + k, _mm512_loadu_si512((const void *)(pos + j)),                   \
+                    _mm512_loadu_si512((const void *)(pos + j + 8)), m);                     \
         if (kval) _mm512_storeu_ps(kval + k, _mm512_maskz_compress_ps(m, v));                \
         k += __builtin_popcount(m);                                                          \
     }
@@ -444,11 +449,9 @@ static inline int cut_block(const int64_t *pos, const float *val, int64_t j, flo
 }
 
 static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, __mmask16 m) {
-    __mmask8 m0 = (__mmask8)m, m1 = (__mmask8)(m >> 8);
     __m512i p0 = _mm512_loadu_si512((const void *)(pos + j)), p1 = _mm512_loadu_si512((const void *)(pos + j + 8));
     _mm512_storeu_ps(val + k, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(val + j)));
-    _mm512_storeu_si512((void *)(pos + k), _mm512_maskz_compress_epi64(m0, p0));
-    _mm512_storeu_si512((void *)(pos + k + __builtin_popcount(m0)), _mm512_maskz_compress_epi64(m1, p1));
+    store_pos16(pos + k, p0, p1, m);  /* both loaded first: the store may overwrite them */
     return k + __builtin_popcount(m);
 }
 
@@ -597,16 +600,11 @@ BRACKET(f64, double, )
  * (room for cap + 16); cap + 1 once more than cap are found (a tie at some row's tau) */
 #ifdef __AVX512F__
 #define FAST_ROWS_F32                                                                        \
-    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);                          \
     __m512 t16 = _mm512_set1_ps(t);                                                          \
     for (; j + 16 <= m && c + 16 <= cap; j += 16) {                                          \
         __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), t16, _CMP_GE_OQ);         \
         if (!k) continue;                                                                    \
-        __m512i p0 = _mm512_add_epi64(_mm512_set1_epi64(r * m + j), lanes);                  \
-        __m512i p1 = _mm512_add_epi64(p0, _mm512_set1_epi64(8));                             \
-        __mmask8 k0 = (__mmask8)k, k1 = (__mmask8)(k >> 8);                                  \
-        _mm512_storeu_si512((void *)(pos + c), _mm512_maskz_compress_epi64(k0, p0));          \
-        _mm512_storeu_si512((void *)(pos + c + __builtin_popcount(k0)), _mm512_maskz_compress_epi64(k1, p1)); \
+        store_run16(pos + c, r * m + j, k);                                                  \
         c += __builtin_popcount(k);                                                          \
     }
 #else
@@ -855,7 +853,6 @@ TOP(f64, double, double, 64, f64)
     }
 /* 16 entries with no tie at tau at once (MOVE: x's and x0's bits for the keep mask km) */
 #define ROWS_KEEP16(U, MOVE)                                                                 \
-    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);                          \
     for (; i + 16 <= m; i += 16) {                                                           \
         __m512 d = _mm512_loadu_ps(dbuf + i);                                                \
         if (_mm512_cmp_ps_mask(d, _mm512_set1_ps(tau), _CMP_EQ_OQ)) {                        \
@@ -868,11 +865,7 @@ TOP(f64, double, double, 64, f64)
         U *at = xr + i;                                                                      \
         const U *at0 = x0r + i;                                                              \
         MOVE                                                                                 \
-        __m512i p0 = _mm512_add_epi64(_mm512_set1_epi64(base + i), lanes);                   \
-        __m512i p1 = _mm512_add_epi64(p0, _mm512_set1_epi64(8));                             \
-        __mmask8 k0 = (__mmask8)km, k1 = (__mmask8)(km >> 8);                                \
-        _mm512_storeu_si512((void *)(pos + c), _mm512_maskz_compress_epi64(k0, p0));          \
-        _mm512_storeu_si512((void *)(pos + c + __builtin_popcount(k0)), _mm512_maskz_compress_epi64(k1, p1)); \
+        store_run16(pos + c, base + i, km);                                                  \
         c += __builtin_popcount(km);                                                         \
     }
 #define ROWS_MOVE_32                                                                         \
