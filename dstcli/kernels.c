@@ -987,3 +987,93 @@ ROWS_RANGE(f64, double, double, 64, f64, AS_IS, dist_d, , )
 ROWS(f32, float, float, 32)
 ROWS(bf16, uint16_t, float, 16)
 ROWS(f64, double, double, 64)
+
+/* dst_many_*: one bucket's projection after its optimizer step (engine._step_many), tensor by
+ * tensor: x[t] (n[t] entries, updated) and x0[t] (its snapshot from before the step) of one
+ * dtype. First x0[t] at old_idx[t] (n_old[t] ascending positions, the kept set before the step)
+ * gets old_seed[t] back, which makes it the seed; then with spec[4t..4t+3] = (k, stride, j_lo,
+ * j_hi), k > 0: dst_top_*, or k = -R <= 0: dst_rows_* over R rows (starts[t], rk[t], hint[t]).
+ * Tensor t's kept positions and seed values are written from off[t] on (room: dst_top_*'s or
+ * dst_rows_*'s), then all moved together in order. out[4t..4t+3]: how many are kept (-1: the
+ * sample misled, x[t] untouched but x0[t] the seed; nothing of it is written), how many of them
+ * differ from the seed, how many were kept before too (counted on a map of n[t] bytes, all 0
+ * on entry and on return), how many are NaN or infinite.
+ * With OpenMP, tensors under PARALLEL_MIN entries (which use one thread each) go several at a
+ * time, one a thread; the larger ones one after the other, each on all threads. Scratch: sets of
+ * 6 pointers (dst_top_*'s sbuf, cpos, cval, inside, tmp, and the map), the first for the largest
+ * tensor, the other sets - 1 for the largest under PARALLEL_MIN. The kept positions of tensor t
+ * stay at off[t]. Returns 0, -1 where memory ran out. */
+#define NONFINITE_32(u) (((u) & 0x7f800000u) == 0x7f800000u)
+#define NONFINITE_16(u) (((u) & 0x7f80u) == 0x7f80u)
+#define NONFINITE_64(u) (((u) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
+#define MANY_PARALLEL_MIN (1 << 16) /* tensors under PARALLEL_MIN entries, in all */
+#ifdef _OPENMP
+#define THREAD_NUM omp_get_thread_num()
+#else
+#define THREAD_NUM 0
+#endif
+#define MANY(SUF, T, D, BITS)                                                                \
+    static int many_one_##SUF(int64_t t, T **x, T **x0, const int64_t *n, const int64_t *spec, \
+                              const int64_t **starts, const int64_t **rk, D **hint,          \
+                              const int64_t **old_idx, const uint##BITS##_t **old_seed,    \
+                              const int64_t *n_old, int kind, void **sc, int64_t *pos, T *seed, \
+                              const int64_t *off, int64_t *out) {                            \
+        typedef uint##BITS##_t U;                                                            \
+        U *s0 = (U *)x0[t];                                                                  \
+        const int64_t *oi = old_idx[t];                                                      \
+        const U *os = old_seed[t];                                                           \
+        for (int64_t i = 0; i < n_old[t]; i++) s0[oi[i]] = os[i];                            \
+        const int64_t *sp = spec + 4 * t;                                                    \
+        int64_t *o = out + 4 * t, *p = pos + off[t], differ = 0, kept;                       \
+        if (sp[0] > 0)                                                                       \
+            kept = dst_top_##SUF(x[t], x0[t], n[t], kind, sp[0], sp[1], sp[2], sp[3], (D *)sc[0], \
+                                 (int64_t *)sc[1], (D *)sc[2], (D *)sc[3], (D *)sc[4], p, seed + off[t], &differ); \
+        else if ((kept = dst_rows_##SUF(x[t], x0[t], -sp[0], starts[t], rk[t], kind, hint[t], p, \
+                                        (U *)(seed + off[t]), &differ)) < 0)                 \
+            return -1;                                                                       \
+        o[0] = kept;                                                                         \
+        if (kept < 0) return 0;                                                              \
+        o[1] = differ;                                                                       \
+        uint8_t *map = (uint8_t *)sc[5];                                                     \
+        for (int64_t i = 0; i < kept; i++) map[p[i]] = 1;                                    \
+        int64_t both = 0, bad = 0;                                                           \
+        for (int64_t i = 0; i < n_old[t]; i++) both += map[oi[i]];                           \
+        const U *ux = (const U *)x[t];                                                       \
+        for (int64_t i = 0; i < kept; i++) {                                                 \
+            bad += NONFINITE_##BITS(ux[p[i]]);                                               \
+            map[p[i]] = 0;                                                                   \
+        }                                                                                    \
+        o[2] = both;                                                                         \
+        o[3] = bad;                                                                          \
+        return 0;                                                                            \
+    }                                                                                        \
+    int64_t dst_many_##SUF(int64_t count, T **x, T **x0, const int64_t *n, const int64_t *spec, \
+                           const int64_t **starts, const int64_t **rk, D **hint,             \
+                           const int64_t **old_idx, const uint##BITS##_t **old_seed,       \
+                           const int64_t *n_old, int kind, void **scratch, int sets,        \
+                           int64_t *pos, T *seed, const int64_t *off, int64_t *out) {       \
+        int64_t *small = malloc((size_t)count * sizeof(int64_t)), ns = 0, entries = 0, used = 0; \
+        if (!small) return -1;                                                               \
+        for (int64_t t = 0; t < count; t++) {                                                \
+            if (n[t] < PARALLEL_MIN && sets > 1) {                                           \
+                small[ns++] = t;                                                             \
+                entries += n[t];                                                             \
+            } else if (many_one_##SUF(t, x, x0, n, spec, starts, rk, hint, old_idx, old_seed, n_old, \
+                                      kind, scratch, pos, seed, off, out)) {                 \
+                free(small);                                                                 \
+                return -1;                                                                   \
+            }                                                                                \
+        }                                                                                    \
+        int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, ns) : 1;            \
+        if (runs > sets) runs = sets;                                                        \
+        PARALLEL_FOR_DYNAMIC_SUM                                                             \
+        for (int64_t i = 0; i < ns; i++)                                                     \
+            used += many_one_##SUF(small[i], x, x0, n, spec, starts, rk, hint, old_idx, old_seed, n_old, \
+                                   kind, scratch + 6 * THREAD_NUM, pos, seed, off, out);    \
+        free(small);                                                                         \
+        return used ? -1 : 0;                                                                \
+    }
+
+MANY(f32, float, float, 32)
+MANY(bf16, uint16_t, float, 16)
+MANY(f64, double, double, 64)

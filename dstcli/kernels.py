@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -34,11 +35,13 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
+PARALLEL_MIN = 1 << 18  # kernels.c's: tensors this large use every thread, smaller ones one
 FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC"]
 KINDS = {"absolute": 0, "relative": 1, "inverse-relative": 2}
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float64: "f64"}
 _WIDE = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float64: torch.float64}
 _BITS = {2: "16", 4: "32", 8: "64"}
+_NP_WIDE = {torch.float32: np.float32, torch.bfloat16: np.float32, torch.float64: np.float64}
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded CDLL or None, "why": the reason it is None
@@ -149,6 +152,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_top_{suf}")
         f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P, P]
+        f = getattr(lib, f"dst_many_{suf}")
+        f.restype, f.argtypes = I, [I, P, P, P, P, P, P, P, P, P, P, C, P, C, P, P, P, P]
     for bits in _BITS.values():
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
@@ -329,11 +334,8 @@ def top(x: torch.Tensor, x0: torch.Tensor, kind: str, k: int, stride: int, j_lo:
     of the kept values differ from them bit for bit; None where the sample misled (x untouched:
     the caller takes the other path). x and x0: `serves`, flat, 0 < k < x.numel(). `work`: a dict
     the caller keeps to reuse the scratch memory between calls (see _carve)."""
-    n, s = x.numel(), -(-x.numel() // stride)
-    wide = np.float64 if x.dtype == torch.float64 else np.float32
-    room = n + 16 * _state["lib"].dst_threads() + 16  # the candidates, collected by each thread's range
-    pos, val, inside, tmp, sbuf = _carve(work, [(room, np.int64), (room, wide), (n + 32, wide),
-                                                (max(n, 2 * s) + 32, wide), (2 * s + 64, wide)])
+    n = x.numel()
+    sbuf, pos, val, inside, tmp = top_scratch(n, -(-n // stride), x.dtype, work)
     kpos, kx0 = torch.empty(k + 16, dtype=torch.long), torch.empty(k + 16, dtype=x.dtype)
     differ = ctypes.c_int64(0)
     kept = getattr(_state["lib"], f"dst_top_{_SUFFIX[x.dtype]}")(
@@ -342,6 +344,16 @@ def top(x: torch.Tensor, x0: torch.Tensor, kind: str, k: int, stride: int, j_lo:
     if kept < 0:
         return None
     return kpos[:kept], kx0[:kept], differ.value
+
+
+def top_scratch(n: int, s: int, dtype: torch.dtype, work: dict | None) -> list[np.ndarray]:
+    """dst_top_*'s scratch for tensors of up to n entries and samples of up to s values (the
+    sample twice, the candidates' positions and distances, the bracket's inside, the
+    quickselect's buffer), carved from `work` (see _carve)."""
+    wide = _NP_WIDE[dtype]
+    room = n + 16 * _state["lib"].dst_threads() + 16  # the candidates, collected by each thread's range
+    return _carve(work, [(2 * s + 64, wide), (room, np.int64), (room, wide), (n + 32, wide),
+                         (max(n, 2 * s) + 32, wide)])
 
 
 def rows(x: torch.Tensor, x0: torch.Tensor, k: np.ndarray, kind: str, hint: np.ndarray,
@@ -372,6 +384,76 @@ def rows(x: torch.Tensor, x0: torch.Tensor, k: np.ndarray, kind: str, hint: np.n
     if c < 0:
         raise MemoryError("out of memory for the row kernels' scratch")
     return pos[:c], seed[:c], differ.value
+
+
+class Bucket:
+    """The fixed part of `many`'s call over a list of flat tensors of one dtype: per tensor either
+    a tensor silo for dst_top_* (top[t] = (k, stride, j_lo, j_hi) of select.sparse_bracket, 0 < k
+    < n) or silos along rows for dst_rows_* (rows[t] = (starts, k, hint) as `rows` takes them; a
+    small tensor silo is one row), where each tensor's output goes, and dst_top_*'s scratch size."""
+
+    def __init__(self, dtype: torch.dtype, sizes: list[int], top: list[tuple[int, int, int, int] | None],
+                 rows: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None]):
+        count, threads = len(sizes), _state["lib"].dst_threads()
+        self.dtype, self.count, self.sizes, self.n = dtype, count, sizes, np.array(sizes, dtype=np.int64)
+        self.spec = np.zeros((count, 4), dtype=np.int64)
+        self.rows = rows  # kept alive: the pointers below point into them
+        P = ctypes.c_void_p * count
+        self.starts, self.k, self.hint = P(), P(), P()
+        room, self.top, self.top_small = [], (0, 0), (0, 0)  # dst_top_*'s largest (n, s), and under PARALLEL_MIN
+        self.small = max([n for n in sizes if n < PARALLEL_MIN], default=0)
+        for t, (n, tp, rw) in enumerate(zip(sizes, top, rows)):
+            if tp is not None:
+                self.spec[t] = tp
+                room.append(tp[0] + 16)
+                ns = (n, -(-n // tp[1]))
+                self.top = max(self.top, ns)
+                if n < PARALLEL_MIN:
+                    self.top_small = max(self.top_small, ns)
+            else:
+                starts, k, hint = rw
+                assert starts.dtype == k.dtype == np.int64 and hint.dtype == _NP_WIDE[dtype]
+                self.spec[t, 0] = -(len(starts) - 1)
+                self.starts[t], self.k[t], self.hint[t] = starts.ctypes.data, k.ctypes.data, hint.ctypes.data
+                room.append(int(np.minimum(k, np.diff(starts)).clip(0).sum()) + 16 * threads + 16)
+        self.off = np.array([0, *itertools.accumulate(room)], dtype=np.int64)
+
+
+def many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
+         old_seed: list[torch.Tensor], kind: str, work: dict | None = None) -> tuple[list, list, np.ndarray]:
+    """A bucket's projection in one call: x0[t] (x[t] before the optimizer step) gets old_seed[t]
+    back at old_idx[t] (the kept set before it), which makes it the seed, then each tensor is
+    projected as `top` or `rows` would (Bucket says which). Returns the kept positions and seed
+    values of each tensor (views of one buffer), and per tensor (kept, differ, both, nonfinite):
+    how many it keeps (-1: the sample misled; x[t] is untouched and x0[t] its seed: the caller
+    takes the other path), how many of those differ from the seed bit for bit, how many of those
+    it kept before too, how many are NaN or infinite. x, x0: `serves`, flat, b.dtype."""
+    T = b.count
+    P = ctypes.c_void_p * T
+    total = int(b.off[-1])
+    pos, seed = torch.empty(total, dtype=torch.long), torch.empty(total, dtype=b.dtype)
+    out = np.empty((T, 4), dtype=np.int64)
+    n_old = np.array([i.numel() for i in old_idx], dtype=np.int64)
+    sets = [b.top] + [b.top_small] * (_state["lib"].dst_threads() - 1)
+    work = work if work is not None else {}
+    scratch = []
+    for r, (n, s) in enumerate(sets):
+        run = work if r == 0 else work.setdefault(f"run {r}", {})
+        big = b.n.max() if r == 0 else b.small
+        if "map" not in run or len(run["map"]) < big:  # all 0 between calls (the kernel clears what it sets)
+            run["map"] = np.zeros(max(big, 1), dtype=np.uint8)
+        scratch += [a.ctypes.data for a in top_scratch(n, s, b.dtype, run)] + [run["map"].ctypes.data]
+    if getattr(_state["lib"], f"dst_many_{_SUFFIX[b.dtype]}")(
+            T, P(*[t.data_ptr() for t in x]), P(*[t.data_ptr() for t in x0]), b.n.ctypes.data, b.spec.ctypes.data,
+            b.starts, b.k, b.hint, P(*[t.data_ptr() for t in old_idx]), P(*[t.data_ptr() for t in old_seed]),
+            n_old.ctypes.data, KINDS[kind], (ctypes.c_void_p * len(scratch))(*scratch), len(sets),
+            pos.data_ptr(), seed.data_ptr(), b.off.ctypes.data, out.ctypes.data):
+        raise MemoryError("out of memory for the row kernels' scratch")
+    kept = out[:, 0].clip(0)
+    cuts = np.empty(2 * T, dtype=np.int64)  # tensor t's kept entries, then the room left after them
+    cuts[0::2], cuts[1::2] = kept, np.diff(b.off) - kept
+    cuts = cuts.tolist()
+    return pos.split(cuts)[0::2], seed.split(cuts)[0::2], out
 
 
 def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], tau: float,

@@ -214,6 +214,86 @@ def test_rows_takes_silos_of_any_lengths(lengths, dtype, kind, case, seed, data)
     assert differ == int(torch.count_nonzero(bits_view(x[want]) != bits_view(x0[want])))
 
 
+def many_case(sizes, dtype, kind, case, seed, draw):
+    """A bucket for kernels.many: per tensor of m entries an update x, its snapshot x0 whose old
+    kept positions hold the update's values (the kernel puts the seed back there), the old kept
+    set, and a dst_top_* or dst_rows_* spec (R rows, R | m) with budgets drawn; and the answer of
+    kernels.top / kernels.rows a tensor at a time."""
+    wide = np.float64 if dtype == torch.float64 else np.float32
+    xs, snaps, seeds, olds, old_vals, top, rows = [], [], [], [], [], [], []
+    for i, m in enumerate(sizes):
+        x, x0 = pair(m, dtype, case, seed + i)
+        old = np.random.default_rng(seed + i).choice(m, draw(st.integers(0, m)), replace=False)
+        old = torch.from_numpy(np.sort(old))
+        snap = x0.clone()
+        snap[old] = x[old]
+        xs.append(x), snaps.append(snap), seeds.append(x0), olds.append(old), old_vals.append(x0[old].clone())
+        R = draw(st.sampled_from([r for r in (1, 2, 4, 8) if m % r == 0]))
+        k = draw(st.integers(0, m // R))
+        if R == 1 and m >= 8192 and 0 < k < m and draw(st.booleans()):
+            top.append((k, *sparse_bracket(m, k)))
+            rows.append(None)
+        else:
+            top.append(None)
+            rows.append((np.arange(0, m + 1, m // R, dtype=np.int64),
+                         np.array([draw(st.integers(0, m // R)) for _ in range(R)], dtype=np.int64),
+                         np.zeros(R, dtype=wide)))
+    want = []
+    for x, x0, old, tp, rw in zip(xs, seeds, olds, top, rows):
+        out = x.clone()
+        got = (kernels.top(out, x0, kind, *tp) if tp else
+               kernels.rows(out.view(len(rw[0]) - 1, -1), x0.view(len(rw[0]) - 1, -1), rw[1], kind, rw[2].copy()))
+        if got is None:
+            want.append(None)
+            continue
+        pos = got[0]
+        both = len(np.intersect1d(pos.numpy(), old.numpy()))
+        bad = int(torch.count_nonzero(~torch.isfinite(out[pos].float())))
+        want.append((out, pos, got[1], [len(pos), got[2], both, bad]))
+    return xs, snaps, seeds, olds, old_vals, kernels.Bucket(dtype, list(sizes), top, rows), want
+
+
+@given(st.lists(st.integers(1, 40_000), min_size=1, max_size=6), st.sampled_from(DTYPES), st.sampled_from(DISTANCES),
+       st.sampled_from(["rand", "ties", "special", "fool"]), st.integers(0, 10_000), st.data())
+@settings(max_examples=60, deadline=None)
+def test_many_is_top_and_rows_a_tensor_at_a_time(sizes, dtype, kind, case, seed, data):
+    """kernels.many over a bucket (tensor silos by dst_top_*, silos along rows and small ones by
+    dst_rows_*) on 2 threads and 1: each tensor as kernels.top / kernels.rows leave it, its kept
+    positions and seed values, the counts (kept, differ, kept before too, non-finite), the seed
+    put back into the snapshot, the rows' hints; a tensor whose sample misled untouched (-1)."""
+    xs, snaps, seeds, olds, old_vals, b, want = many_case(sizes, dtype, kind, case, seed, data.draw)
+    work = {}
+    for _ in threads():
+        x, x0 = [t.clone() for t in xs], [t.clone() for t in snaps]
+        hints = [rw[2].copy() for rw in b.rows if rw is not None]
+        pos, seed_vals, out = kernels.many(b, x, x0, olds, old_vals, kind, work)
+        for t, w in enumerate(want):
+            assert torch.equal(bits_view(x0[t]), bits_view(seeds[t]))  # the seed again
+            if w is None:
+                assert out[t, 0] == -1 and len(pos[t]) == 0 and torch.equal(bits_view(x[t]), bits_view(xs[t]))
+                continue
+            assert torch.equal(bits_view(x[t]), bits_view(w[0])) and torch.equal(pos[t], w[1])
+            assert torch.equal(bits_view(seed_vals[t]), bits_view(w[2])) and out[t].tolist() == w[3]
+        for rw, h in zip([rw for rw in b.rows if rw is not None], hints):  # this call's hints, then reset
+            assert np.all(rw[2] >= 0)
+            rw[2][:] = h
+    assert all(not np.any(run["map"]) for run in [work] + [v for k, v in work.items() if k.startswith("run")])
+
+
+def test_many_takes_a_bucket_of_large_tensors_only():
+    """A bucket of tensors of PARALLEL_MIN entries or more (each on all threads), none smaller:
+    the same as a tensor at a time."""
+    sizes = [kernels.PARALLEL_MIN, kernels.PARALLEL_MIN + 5]
+    draws = iter([3, 1, 20_000, True, 10, 1, 5_000, True])  # old kept, R, k, top? for each tensor
+    xs, snaps, seeds, olds, old_vals, b, want = many_case(sizes, torch.float32, "absolute", "rand", 0,
+                                                          lambda strategy: next(draws))
+    for _ in threads():
+        x, x0 = [t.clone() for t in xs], [t.clone() for t in snaps]
+        pos, seed_vals, out = kernels.many(b, x, x0, olds, old_vals, "absolute", {})
+        assert [r.tolist() for r in out] == [w[3] for w in want]
+        assert all(torch.equal(p, w[1]) and torch.equal(a, w[0]) for p, a, w in zip(pos, x, want))
+
+
 @given(st.integers(1, 5000), st.sampled_from([np.float32, np.float64]), st.sampled_from(["rand", "few", "inf"]),
        st.sampled_from([0, 1, 2, 64]), st.integers(0, 10_000), st.data())
 @settings(max_examples=200, deadline=None)
@@ -476,33 +556,75 @@ def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
     """Many steps of the lean engine on tensors large enough for the fused path, against the
-    same steps with the kernels switched off: the same parameters and kept sets, bit for bit."""
-    def run():
+    same steps with a kernel call a tensor (no kernels.many), on 2 threads and 1, and with the
+    kernels switched off: the same parameters, kept sets, seed values and step statistics
+    (non-seed entries, churn, non-finite kept entries), bit for bit. Two buckets (one optimizer
+    over four tensors, one over one), a tensor of PARALLEL_MIN entries or more (all threads on it)
+    and smaller ones (a thread each), one under SAMPLED_MIN, a frozen one, a NaN gradient."""
+    def run(many=True):
         g = torch.Generator().manual_seed(0)
         params = {f"w{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype))
-                  for i, s in enumerate([(300, 100), (64, 512), (40_000,), (100,)])}
+                  for i, s in enumerate([(300, 100), (64, 512), (40_000,), (600, 500), (100,), (3,)])}
         dst = DST(params.items(), epsilon=0.05, silo=silo, seed="none", batched=False)  # per tensor
-        opts = {n: torch.optim.Adam([p], lr=1e-2) for n, p in params.items()}
+        dst._many = dst._many and many
+        ps = list(params.values())
+        rest = [n for n in ("w4", "w5") if n not in dst.frozen]  # w5: frozen in tensor and row silos
+        first, second = torch.optim.Adam(ps[:4], lr=1e-2), torch.optim.Adam([params[n] for n in rest], lr=1e-2)
+        opts = {**{f"w{i}": first for i in range(4)}, **{n: second for n in rest}}
+        stats = []
         for step in range(6):
             for p in params.values():
                 p.grad = torch.randn(p.shape, generator=g).to(dtype)
-            nonseed.append(dst.step(opts).nonseed)
+            if step == 4:
+                ps[1].grad.view(-1)[7] = float("nan")
+            st = dst.step(opts)
+            stats.append((st.nonseed, st.entered, st.left, dst.nonfinite()))
         return ({n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()},
-                {n: k.seed_vals for n, k in dst.kept.items()})
+                {n: k.seed_vals for n, k in dst.kept.items()}, stats)
 
     calls = []
-    for name in ("top", "share", "rows"):
+    for name in ("top", "share", "rows", "many"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
-    nonseed = []
-    fused = run()
-    assert {"tensor": "top", "global": "share", "row": "rows"}[silo] in calls  # the fused path ran
+    fused, one_thread = [run() for _ in threads()]
+    assert {"tensor": "many", "global": "share", "row": "many"}[silo] in calls  # the fused path ran
+    calls.clear()
+    single = run(many=False)
+    assert "many" not in calls and {"tensor": "top", "global": "share", "row": "rows"}[silo] in calls
     monkeypatch.setitem(kernels._state, "lib", None)  # as without a compiler
-    fused_nonseed, nonseed = nonseed, []
     plain = run()
-    for a, b in zip(fused, plain):
-        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert fused_nonseed == nonseed and all(nonseed)
+    for other in (one_thread, single, plain):
+        for a, b in zip(fused[:3], other[:3]):
+            assert a.keys() == b.keys() and all(torch.equal(bits_view(a[n]), bits_view(b[n])) for n in a)
+        assert fused[3] == other[3]
+    assert all(s[0] for s in fused[3]) and any(s[1] for s in fused[3][1:]) and any(s[3] for s in fused[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_misleading_sample_in_a_bucket_takes_the_torch_path(monkeypatch, dtype):
+    """kernels.many declines a tensor whose sample misleads (kept -1): the engine ranks that one
+    on the torch path, the bucket's other tensors stay as the kernel left them, and the result is
+    what the kernels switched off give, bit for bit."""
+    def run():
+        x, x0 = pair(40_000, dtype, "fool", 3)
+        b = torch.randn(300, 100, generator=torch.Generator().manual_seed(5)).to(dtype)
+        params = {"a": torch.nn.Parameter(x0.clone()), "b": torch.nn.Parameter(b)}
+        dst = DST(params.items(), epsilon=0.05, seed="none")
+        opt = torch.optim.SGD(list(params.values()), lr=1.0)
+        params["a"].grad = (x0 - x).to(dtype)  # one step of SGD takes "a" to x exactly (lr 1)
+        params["b"].grad = torch.randn(300, 100, generator=torch.Generator().manual_seed(4)).to(dtype)
+        st = dst.step({"a": opt, "b": opt})
+        return [p.detach().clone() for p in params.values()], [k.idx for k in dst.kept.values()], st.nonseed
+
+    outs = []
+    real = kernels.many
+    monkeypatch.setattr(kernels, "many", lambda *a, **k: outs.append(real(*a, **k)) or outs[-1])
+    fused = run()
+    assert outs[0][2][0, 0] == -1 and outs[0][2][1, 0] == 1500  # "a" declined, "b" kept its budget
+    monkeypatch.setitem(kernels._state, "lib", None)
+    plain = run()
+    assert all(torch.equal(bits_view(a), bits_view(b)) for a, b in zip(fused[0] + fused[1], plain[0] + plain[1]))
+    assert fused[2] == plain[2] > 0
 
 
 def test_without_a_compiler_dstcli_takes_the_torch_path(tmp_path):
