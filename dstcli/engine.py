@@ -211,11 +211,10 @@ class DST:
             is on a GPU, where the per-tensor kernel launches and waits cost more than the work
             itself, and on the CPU for the global silo when tensors average under SMALL_TENSOR
             entries (the bundled model's DST step: 1.13-1.43x -> 1.08-1.31x full fine-tuning's;
-            on a 25M model, 250K entries a tensor, it costs 10-70% more), unless the budget is
-            5% of the entries or more and dstcli.kernels serve every tensor: tensor by tensor on
-            the kernels is faster there (the bundled model at epsilon 0.1: 1.18-1.19x batched,
-            1.12-1.13x not; at 1e-6 batched is faster, 1.06x against 1.10x). The kept sets are
-            the same either way.
+            on a 25M model, 250K entries a tensor, it costs 10-70% more), unless dstcli.kernels
+            serve every tensor and they have one dtype: then a kernel call a bucket (see
+            `_step_pool_many`) is faster (the bundled model, epsilon 1e-6 to 1e-1: 1.06-1.14x
+            batched, 1.04-1.08x so). The kept sets are the same either way.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], *, epsilon: float | None = None,
@@ -252,14 +251,16 @@ class DST:
         self._row_hints: dict[str | tuple[str, ...], np.ndarray] = {}
         if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
             sizes = [p.numel() for p in self.params.values()]
-            wide_kernels = silo == "global" and 20 * self.alloc >= sum(sizes) and all(map(kernels.serves, self.params.values()))
+            pool_kernels = (silo == "global" and shards is None and all(map(kernels.serves, self.params.values()))
+                            and len({p.dtype for p in self.params.values()}) == 1)
             batched = (all(p.device.type == "cuda" for p in self.params.values())
-                       or (silo == "global" and sum(sizes) < SMALL_TENSOR * len(sizes) and not wide_kernels))
+                       or (silo == "global" and sum(sizes) < SMALL_TENSOR * len(sizes) and not pool_kernels))
         self.batched = bool(batched) and self.seed is None and gather is None
         # step a bucket, then project all its tensors in one kernel call (kernels.many)
         self._many = (not self.batched and self.seed is None and gather is None and shards is None
-                      and silo != "global" and all(map(kernels.serves, self.params.values())))
-        self._many_plans: dict[tuple[str, ...], kernels.Bucket] = {}
+                      and all(map(kernels.serves, self.params.values()))
+                      and (silo != "global" or len({p.dtype for p in self.params.values()}) == 1))
+        self._many_plans: dict[tuple, kernels.Bucket | list[int]] = {}
         self._counted = False  # whether the last step counted the non-finite kept entries
         # first name -> (names, kept objects, positions in each tensor, seed values, kept per tensor)
         self._bucket_kept: dict[str, tuple] = {}
@@ -318,7 +319,7 @@ class DST:
         if self.batched:
             return self._step_batched(optimizers, groups)
         if self._many and self._due(self.step_count + 1):
-            return self._step_many(optimizers, groups)
+            return (self._step_pool_many if self.silo == "global" else self._step_many)(optimizers, groups)
         snap: dict[str, torch.Tensor] = {}
 
         def seed_of(name: str) -> torch.Tensor:
@@ -375,11 +376,7 @@ class DST:
         both = new = old = 0
         for names in dict.fromkeys(tuple(groups[n]) for n in self.params if n not in self.frozen):
             b = self._many_plans.get(names) or self._many_plan(names)
-            params = [self.params[n].detach().view(-1) for n in names]
-            snap = self._buffer(int(b.n.sum()), params[0])
-            views = snap.split(b.sizes)
-            _copy_all(list(views), params)  # before the step: the seed, except at the kept entries
-            optimizers[names[0]].step()
+            params, views = self._snapshot_step(b, names, optimizers[names[0]])
             before = [self.kept[n] for n in names]
             pos, seed_vals, out = kernels.many(b, params, views, [k.idx for k in before],
                                                [k.seed_vals for k in before], self.distance, self._work)
@@ -402,10 +399,101 @@ class DST:
             self._nonseed[names[0]], self._nonfinite[names[0]] = differ, nonfinite
         return StepStats(self.step_count, self.nonseed(), new - both, old - both, True)
 
+    def _step_pool_many(self, optimizers: Mapping[str, torch.optim.Optimizer], groups: dict[str, list[str]]) -> StepStats:
+        """`step` for the global silo on the CPU kernels, a bucket at a time: snapshot, optimizer
+        step, then one kernel call (kernels.pool_many) makes the snapshot the seed and takes each
+        tensor's share of the pool (see _select_global) into a kernels.Pool; the pool is cut in
+        one call or two (Pool.kth, Pool.cut) after a bucket once it holds more than 4K (so it holds
+        at most 4K and a bucket's shares), and the churn and non-finite counts are one call at
+        the end. Python's cost no longer grows with the number of tensors."""
+        self.step_count += 1
+        self._counted = True
+        self._nonfinite.clear()
+        K = self.alloc
+        before = {n: k.idx for n, k in self.kept.items()}
+        pool = kernels.Pool(next(iter(self.params.values())).dtype)
+        floor = None
+        for names in dict.fromkeys(tuple(groups[n]) for n in self.params):
+            b = self._many_plans.get(names) or self._many_plan(names)
+            params, views = self._snapshot_step(b, names, optimizers[names[0]])
+            at, ends = 0, self._pool_chunks(names, K)
+            while at < len(names):  # before the first cut, chunks of at most 4K candidates (after it, few)
+                end = next(e for e in ends if e > at) if floor is None else len(names)
+                self._pool_share(pool, names[at:end], params[at:end], views[at:end], before, floor, K)
+                at = end
+                if pool.size > 4 * K:
+                    floor = self._cut_kernels(pool, K)
+        if pool.size > K:
+            self._cut_kernels(pool, K)
+        names = list(self.params)
+        for n, (idx, seed_vals), differ in zip(names, pool.pack(), pool.differ.tolist()):
+            self.kept[n], self._nonseed[n] = _Kept(idx, seed_vals), differ
+        both, self._nonfinite["all"] = kernels.churn([self.kept[n].idx for n in names], [before[n] for n in names],
+                                                     [self.params[n].detach().view(-1) for n in names], self._work)
+        new, old = int(pool.count.sum()), sum(i.numel() for i in before.values())
+        return StepStats(self.step_count, self.nonseed(), new - both, old - both, True)
+
+    def _pool_share(self, pool: kernels.Pool, names: tuple[str, ...], params: list[torch.Tensor],
+                    views: list[torch.Tensor], before: dict[str, torch.Tensor], floor: float | None, K: int) -> None:
+        """Add consecutive tensors' shares to a kernels.Pool in one call (kernels.pool_many;
+        `views`: their snapshots), a tensor whose sample misled through _global_share."""
+        b = self._many_plans.get(names) or self._many_plan(names)
+        bufs, off, out = kernels.pool_many(b, params, views, [before[n] for n in names],
+                                           [self.kept[n].seed_vals for n in names], self.distance, floor, K, self._work)
+        at = 0
+        for t in [*np.flatnonzero(out[:, 0] < 0), len(names)]:  # the sample misled (rare): the torch path
+            if t > at:
+                pool.add(params[at:t], *bufs, off[at:t], out[at:t, 0], out[at:t, 1])
+            if t < len(names):
+                n = names[t]
+                vals = self._global_share(n, views[t].view(self.params[n].shape), floor, K)
+                k = self.kept[n]
+                pool.add([params[t]], k.idx, k.seed_vals, vals.contiguous(), [0], [len(vals)], [self._nonseed.pop(n)])
+            at = t + 1
+
+    def _pool_chunks(self, names: tuple[str, ...], K: int) -> list[int]:
+        """Where a bucket's runs of tensors end that can add at most 4K entries to the pool (at
+        least one tensor each): before the pool's first cut, a cut sets the floor as early as
+        a tensor at a time would, the kernel calls staying few."""
+        key = ("chunks", names)
+        if key not in self._many_plans:
+            ends, room = [], 0
+            for i, n in enumerate(names):
+                m = min(self.params[n].numel(), K)
+                if room and room + m > 4 * K:
+                    ends.append(i)
+                    room = 0
+                room += m
+            self._many_plans[key] = ends + [len(names)]
+        return self._many_plans[key]
+
+    def _cut_kernels(self, pool: kernels.Pool, K: int) -> float:
+        """Cut a kernels.Pool to its top-K (ties to the lower position); return its K-th largest."""
+        got = pool.kth(K, *sparse_bracket(pool.size, K), self._work.setdefault("cut", {}))
+        tau, need, ties = got if got is not None else kth_largest(pool.values(), K)
+        pool.cut(tau, need, ties)
+        return tau
+
+    def _snapshot_step(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer):
+        """Copy a bucket's tensors into the scratch, then step its optimizer; returns the tensors
+        and their copies from before the step (flat)."""
+        params = [self.params[n].detach().view(-1) for n in names]
+        views = self._buffer(int(b.n.sum()), params[0]).split(b.sizes)
+        _copy_all(list(views), params)  # before the step: the seed, except at the kept entries
+        opt.step()
+        return params, views
+
     def _many_plan(self, names: tuple[str, ...]) -> kernels.Bucket:
         """A bucket's kernels.Bucket: tensor silos of SAMPLED_MIN entries or more (with a budget
         short of the whole tensor) through dst_top_*, row silos and the other tensor silos
-        through dst_rows_* (each row's last k-th largest distance kept in _row_hints)."""
+        through dst_rows_* (each row's last k-th largest distance kept in _row_hints); for the
+        global silo, dst_top_* for a tensor's own top-K where it takes it."""
+        sizes = [self.params[n].numel() for n in names]
+        if self.silo == "global":
+            K = self.alloc
+            top = [(K, *sparse_bracket(m, K)) if SAMPLED_MIN <= m and 0 < K < m else None for m in sizes]
+            b = self._many_plans[names] = kernels.Bucket(self.params[names[0]].dtype, sizes, top, pool=K)
+            return b
         top, rows = [], []
         for n in names:
             m, R = self.params[n].numel(), silo_rows(self.shapes[n], self.silo)
@@ -419,7 +507,6 @@ class DST:
                 self._row_hints[n] = np.zeros(R, dtype=wide)
             top.append(None)
             rows.append((np.arange(0, m + 1, m // R, dtype=np.int64), ks, self._row_hints[n]))
-        sizes = [self.params[n].numel() for n in names]
         b = self._many_plans[names] = kernels.Bucket(self.params[names[0]].dtype, sizes, top, rows)
         return b
 

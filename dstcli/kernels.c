@@ -1007,16 +1007,68 @@ ROWS(f64, double, double, 64)
 #define NONFINITE_16(u) (((u) & 0x7f80u) == 0x7f80u)
 #define NONFINITE_64(u) (((u) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
 #define MANY_PARALLEL_MIN (1 << 16) /* tensors under PARALLEL_MIN entries, in all */
+/* out[0]: how many of the kept positions p (ascending) were kept before too (old), counted on
+ * map (a byte an entry of x, all 0 on entry and on return); out[1]: how many of x's kept values
+ * are NaN or infinite */
+#define CHURN(BITS)                                                                          \
+    static void churn_##BITS(const int64_t *p, int64_t kept, const int64_t *old, int64_t n_old, \
+                             const uint##BITS##_t *x, uint8_t *map, int64_t *out) {           \
+        int64_t both = 0, bad = 0;                                                           \
+        for (int64_t i = 0; i < kept; i++) map[p[i]] = 1;                                    \
+        for (int64_t i = 0; i < n_old; i++) both += map[old[i]];                             \
+        for (int64_t i = 0; i < kept; i++) {                                                 \
+            bad += NONFINITE_##BITS(x[p[i]]);                                                \
+            map[p[i]] = 0;                                                                   \
+        }                                                                                    \
+        out[0] = both;                                                                       \
+        out[1] = bad;                                                                        \
+    }
+CHURN(16)
+CHURN(32)
+CHURN(64)
+
+/* dst_churn_*: churn_* for count tensors (the global silo's kept sets once its pool is cut:
+ * p[t] with kept[t] entries, old[t] with n_old[t], x[t]; map: a byte an entry of the largest,
+ * all 0), out[2t..2t+1] */
+#define CHURN_MANY(BITS)                                                                     \
+    void dst_churn_##BITS(int64_t count, const int64_t **p, const int64_t *kept, const int64_t **old, \
+                          const int64_t *n_old, const uint##BITS##_t **x, uint8_t *map, int64_t *out) { \
+        for (int64_t t = 0; t < count; t++) churn_##BITS(p[t], kept[t], old[t], n_old[t], x[t], map, out + 2 * t); \
+    }
+CHURN_MANY(16)
+CHURN_MANY(32)
+CHURN_MANY(64)
 #ifdef _OPENMP
 #define THREAD_NUM omp_get_thread_num()
 #else
 #define THREAD_NUM 0
 #endif
+/* ONE(t, scratch set, ...) for each of `count` tensors (n[t] entries; `sets` scratch sets of 6
+ * pointers): from PARALLEL_MIN entries on one after the other (each on all threads), the others
+ * a thread each once they add up to MANY_PARALLEL_MIN; returns -1 where a call did, else 0 */
+#define FOR_TENSORS(ONE, ...)                                                                \
+    int64_t *small = malloc((size_t)count * sizeof(int64_t)), ns = 0, entries = 0, used = 0; \
+    if (!small) return -1;                                                                   \
+    for (int64_t t = 0; t < count; t++) {                                                    \
+        if (n[t] < PARALLEL_MIN && sets > 1) {                                               \
+            small[ns++] = t;                                                                 \
+            entries += n[t];                                                                 \
+        } else if (ONE(t, scratch, __VA_ARGS__)) {                                           \
+            free(small);                                                                     \
+            return -1;                                                                       \
+        }                                                                                    \
+    }                                                                                        \
+    int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, ns) : 1;                \
+    if (runs > sets) runs = sets;                                                            \
+    PARALLEL_FOR_DYNAMIC_SUM                                                                 \
+    for (int64_t i = 0; i < ns; i++) used += ONE(small[i], scratch + 6 * THREAD_NUM, __VA_ARGS__) != 0; \
+    free(small);                                                                             \
+    return used ? -1 : 0;
 #define MANY(SUF, T, D, BITS)                                                                \
-    static int many_one_##SUF(int64_t t, T **x, T **x0, const int64_t *n, const int64_t *spec, \
+    static int many_one_##SUF(int64_t t, void **sc, T **x, T **x0, const int64_t *n, const int64_t *spec, \
                               const int64_t **starts, const int64_t **rk, D **hint,          \
                               const int64_t **old_idx, const uint##BITS##_t **old_seed,    \
-                              const int64_t *n_old, int kind, void **sc, int64_t *pos, T *seed, \
+                              const int64_t *n_old, int kind, int64_t *pos, T *seed,         \
                               const int64_t *off, int64_t *out) {                            \
         typedef uint##BITS##_t U;                                                            \
         U *s0 = (U *)x0[t];                                                                  \
@@ -1034,17 +1086,7 @@ ROWS(f64, double, double, 64)
         o[0] = kept;                                                                         \
         if (kept < 0) return 0;                                                              \
         o[1] = differ;                                                                       \
-        uint8_t *map = (uint8_t *)sc[5];                                                     \
-        for (int64_t i = 0; i < kept; i++) map[p[i]] = 1;                                    \
-        int64_t both = 0, bad = 0;                                                           \
-        for (int64_t i = 0; i < n_old[t]; i++) both += map[oi[i]];                           \
-        const U *ux = (const U *)x[t];                                                       \
-        for (int64_t i = 0; i < kept; i++) {                                                 \
-            bad += NONFINITE_##BITS(ux[p[i]]);                                               \
-            map[p[i]] = 0;                                                                   \
-        }                                                                                    \
-        o[2] = both;                                                                         \
-        o[3] = bad;                                                                          \
+        churn_##BITS(p, kept, oi, n_old[t], (const U *)x[t], (uint8_t *)sc[5], o + 2);        \
         return 0;                                                                            \
     }                                                                                        \
     int64_t dst_many_##SUF(int64_t count, T **x, T **x0, const int64_t *n, const int64_t *spec, \
@@ -1052,28 +1094,122 @@ ROWS(f64, double, double, 64)
                            const int64_t **old_idx, const uint##BITS##_t **old_seed,       \
                            const int64_t *n_old, int kind, void **scratch, int sets,        \
                            int64_t *pos, T *seed, const int64_t *off, int64_t *out) {       \
-        int64_t *small = malloc((size_t)count * sizeof(int64_t)), ns = 0, entries = 0, used = 0; \
-        if (!small) return -1;                                                               \
-        for (int64_t t = 0; t < count; t++) {                                                \
-            if (n[t] < PARALLEL_MIN && sets > 1) {                                           \
-                small[ns++] = t;                                                             \
-                entries += n[t];                                                             \
-            } else if (many_one_##SUF(t, x, x0, n, spec, starts, rk, hint, old_idx, old_seed, n_old, \
-                                      kind, scratch, pos, seed, off, out)) {                 \
-                free(small);                                                                 \
-                return -1;                                                                   \
-            }                                                                                \
-        }                                                                                    \
-        int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, ns) : 1;            \
-        if (runs > sets) runs = sets;                                                        \
-        PARALLEL_FOR_DYNAMIC_SUM                                                             \
-        for (int64_t i = 0; i < ns; i++)                                                     \
-            used += many_one_##SUF(small[i], x, x0, n, spec, starts, rk, hint, old_idx, old_seed, n_old, \
-                                   kind, scratch + 6 * THREAD_NUM, pos, seed, off, out);    \
-        free(small);                                                                         \
-        return used ? -1 : 0;                                                                \
+        FOR_TENSORS(many_one_##SUF, x, x0, n, spec, starts, rk, hint, old_idx, old_seed, n_old, kind, pos, \
+                    seed, off, out)                                                          \
     }
 
 MANY(f32, float, float, 32)
 MANY(bf16, uint16_t, float, 16)
 MANY(f64, double, double, 64)
+
+/* dst_pool_many_*: the global silo's share of each tensor of a bucket after its optimizer step
+ * (engine._step_global_many), as engine._global_share takes it: x0[t] gets old_seed[t] back at
+ * old_idx[t] (the seed again), then the entries above the pool's floor (has_floor; else above
+ * 0, where K >= n[t]), if at most K (dst_share_*), else the tensor's own top-K (dst_top_* where
+ * spec[4t] > 0, as dst_many_*; else dst_rows_* over one row); the rest of x[t] goes back to the
+ * seed. Tensor t's kept positions, seed values and distances are written from off[t] on
+ * (ascending; room: n[t] + 16 * dst_threads() + 16 from PARALLEL_MIN entries on, else min(n[t],
+ * K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many (-1: dst_top_*'s sample misled, x[t]
+ * as the share left it - its top-K untouched - and x0[t] the seed), how many differ from the
+ * seed. Tensors under PARALLEL_MIN entries a thread each, as dst_many_* (scratch: sets of 6
+ * pointers, the map unused). Returns 0, -1 where memory ran out. */
+#define POOL_MANY(SUF, T, D, BITS, LOAD, DIST)                                               \
+    static int pool_one_##SUF(int64_t t, void **sc, T **x, T **x0, const int64_t *n, const int64_t *spec, \
+                              const int64_t **old_idx, const uint##BITS##_t **old_seed,     \
+                              const int64_t *n_old, int kind, D floor, int has_floor, int64_t K, \
+                              int64_t *pos, D *val, T *seed, const int64_t *off, int64_t *out) { \
+        typedef uint##BITS##_t U;                                                            \
+        U *s0 = (U *)x0[t];                                                                  \
+        const int64_t *oi = old_idx[t];                                                      \
+        const U *os = old_seed[t];                                                           \
+        for (int64_t i = 0; i < n_old[t]; i++) s0[oi[i]] = os[i];                            \
+        int64_t m = n[t], *p = pos + off[t], *o = out + 2 * t, differ = 0, kept;             \
+        D *v = val + off[t];                                                                 \
+        T *s = seed + off[t];                                                                \
+        if (has_floor || K >= m) {                                                           \
+            int64_t cap = K < m ? K : m;                                                     \
+            kept = dst_share_##SUF((U *)x[t], (const U *)x0[t], m, kind, has_floor ? floor : 0, 1, p, v, \
+                                   (U *)s, cap, &differ);                                    \
+            if (kept <= cap) {                                                               \
+                o[0] = kept;                                                                 \
+                o[1] = differ;                                                               \
+                return 0;                                                                    \
+            }                                                                                \
+        }                                                                                    \
+        const int64_t *sp = spec + 4 * t;                                                    \
+        if (sp[0] > 0) {                                                                     \
+            kept = dst_top_##SUF(x[t], x0[t], m, kind, sp[0], sp[1], sp[2], sp[3], (D *)sc[0], \
+                                 (int64_t *)sc[1], (D *)sc[2], (D *)sc[3], (D *)sc[4], p, s, &differ); \
+            if (kept < 0) {                                                                  \
+                o[0] = -1;                                                                   \
+                return 0;                                                                    \
+            }                                                                                \
+        } else {                                                                             \
+            int64_t starts[2] = {0, m}, k = K;                                               \
+            D hint = 0;                                                                      \
+            if ((kept = dst_rows_##SUF(x[t], x0[t], 1, starts, &k, kind, &hint, p, (U *)s, &differ)) < 0) \
+                return -1;                                                                   \
+        }                                                                                    \
+        const T *xt = x[t];                                                                  \
+        for (int64_t i = 0; i < kept; i++) v[i] = DIST(LOAD(xt[p[i]]), LOAD(s[i]), kind);    \
+        o[0] = kept;                                                                         \
+        o[1] = differ;                                                                       \
+        return 0;                                                                            \
+    }                                                                                        \
+    int64_t dst_pool_many_##SUF(int64_t count, T **x, T **x0, const int64_t *n, const int64_t *spec, \
+                                const int64_t **old_idx, const uint##BITS##_t **old_seed,   \
+                                const int64_t *n_old, int kind, D floor, int has_floor, int64_t K, \
+                                void **scratch, int sets, int64_t *pos, D *val, T *seed,     \
+                                const int64_t *off, int64_t *out) {                          \
+        FOR_TENSORS(pool_one_##SUF, x, x0, n, spec, old_idx, old_seed, n_old, kind, floor, has_floor, K, pos, \
+                    val, seed, off, out)                                                     \
+    }
+
+POOL_MANY(f32, float, float, 32, AS_IS, dist_f)
+POOL_MANY(bf16, uint16_t, float, 16, AS_BF16, dist_f)
+POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
+
+/* dst_kth_parts_*: select.kth_largest over n parts (val[p]: count[p] positive values; the parts
+ * taken together in order, more than k values in all) with a sample of every stride-th value
+ * (as if the parts were one array) bracketing the k-th largest between its j_lo-th and j_hi-th
+ * largest, as dst_top_* does: *tau, how many of the k largest equal it (*need) and how many
+ * values in all do (*ties). Scratch: sbuf 2s + 64 (s = total / stride + 1), inside 2 * total + 64,
+ * tmp max(total, 2s) + 32. Returns 0, or 1 where the sample misled (the caller ranks all). */
+#define KTH_PARTS(SUF, D)                                                                    \
+    int dst_kth_parts_##SUF(int64_t n, D *const *val, const int64_t *count, int64_t k, int64_t stride, \
+                            int64_t j_lo, int64_t j_hi, D *sbuf, D *inside, D *tmp, D *tau_out, \
+                            int64_t *need_out, int64_t *ties_out) {                          \
+        int64_t s = 0, start = 0, m = 0, n_above = 0, above;                                 \
+        for (int64_t p = 0; p < n; p++) {                                                    \
+            for (int64_t j = (stride - start % stride) % stride; j < count[p]; j += stride) sbuf[s++] = val[p][j]; \
+            start += count[p];                                                               \
+        }                                                                                    \
+        if (s < j_lo || s == 0) return 1;                                                    \
+        memcpy(sbuf + s + 32, sbuf, (size_t)s * sizeof(D));                                  \
+        D lo = kth_##SUF(sbuf, s, s - j_lo, tmp, &above), hi = INFINITY;                     \
+        if (j_hi >= 1) hi = kth_##SUF(sbuf + s + 32, s, s - j_hi, tmp, &above);              \
+        for (int64_t p = 0; p < n; p++) {                                                    \
+            m += dst_bracket_##SUF(val[p], count[p], lo, hi, inside + m, &above);            \
+            n_above += above;                                                                \
+        }                                                                                    \
+        if (m + n_above < k || n_above >= k) return 1;                                       \
+        memcpy(inside + m + 32, inside, (size_t)m * sizeof(D));                              \
+        D tau = kth_##SUF(inside, m, m - (k - n_above), tmp, &above);                        \
+        int64_t ties = 0;                                                                    \
+        for (int64_t j = 0; j < m; j++) ties += inside[m + 32 + j] == tau;                   \
+        *tau_out = tau;                                                                      \
+        *need_out = k - n_above - above;                                                     \
+        *ties_out = ties;                                                                    \
+        return 0;                                                                            \
+    }
+
+KTH_PARTS(f32, float)
+KTH_PARTS(f64, double)
+
+/* dst_pack: n parts (count[p] items of `size` bytes at src[p]) one after the other into dst */
+void dst_pack(int64_t n, char *const *src, const int64_t *count, int64_t size, char *dst) {
+    for (int64_t p = 0; p < n; p++) {
+        memcpy(dst, src[p], (size_t)(count[p] * size));
+        dst += count[p] * size;
+    }
+}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import os
 import platform
 import shutil
@@ -145,6 +144,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suf, real in (("f32", F), ("f64", D)):
         f = getattr(lib, f"dst_kth_{suf}")
         f.restype, f.argtypes = real, [P, I, I, P, P, I]
+        f = getattr(lib, f"dst_kth_parts_{suf}")
+        f.restype, f.argtypes = C, [I, P, P, I, I, I, I, P, P, P, P, P, P]
+    lib.dst_pack.restype, lib.dst_pack.argtypes = None, [I, P, P, I, P]
     lib.dst_threads.restype, lib.dst_threads.argtypes = C, []
     for suf in ("f32", "bf16", "f64"):
         f = getattr(lib, f"dst_rows_{suf}")
@@ -154,9 +156,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P, P]
         f = getattr(lib, f"dst_many_{suf}")
         f.restype, f.argtypes = I, [I, P, P, P, P, P, P, P, P, P, P, C, P, C, P, P, P, P]
+        f = getattr(lib, f"dst_pool_many_{suf}")
+        f.restype, f.argtypes = I, [I, P, P, P, P, P, P, P, C, real, C, I, P, C, P, P, P, P, P]
     for bits in _BITS.values():
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
+        f = getattr(lib, f"dst_churn_{bits}")
+        f.restype, f.argtypes = None, [I, P, P, P, P, P, P, P]
     for suf, real, bits in (("f32", F, "16"), ("f32", F, "32"), ("f64", D, "16"), ("f64", D, "32"), ("f64", D, "64")):
         f = getattr(lib, f"dst_cut_many_{suf}_{bits}")
         f.restype, f.argtypes = C, [I, P, P, P, P, P, real, P, C, P, P]
@@ -387,36 +393,86 @@ def rows(x: torch.Tensor, x0: torch.Tensor, k: np.ndarray, kind: str, hint: np.n
 
 
 class Bucket:
-    """The fixed part of `many`'s call over a list of flat tensors of one dtype: per tensor either
-    a tensor silo for dst_top_* (top[t] = (k, stride, j_lo, j_hi) of select.sparse_bracket, 0 < k
-    < n) or silos along rows for dst_rows_* (rows[t] = (starts, k, hint) as `rows` takes them; a
-    small tensor silo is one row), where each tensor's output goes, and dst_top_*'s scratch size."""
+    """The fixed part of `many`'s and `pool_many`'s calls over a list of flat tensors of one
+    dtype: per tensor, for `many`, either a tensor silo for dst_top_* (top[t] = (k, stride, j_lo,
+    j_hi) of select.sparse_bracket, 0 < k < n) or silos along rows for dst_rows_* (rows[t] =
+    (starts, k, hint) as `rows` takes them; a small tensor silo is one row); for `pool_many`
+    (pool = the global silo's K) top[t] for the tensor's own top-K where dst_top_* takes it.
+    Also where each tensor's output goes (`offsets`) and the scratch sizes."""
 
     def __init__(self, dtype: torch.dtype, sizes: list[int], top: list[tuple[int, int, int, int] | None],
-                 rows: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None]):
-        count, threads = len(sizes), _state["lib"].dst_threads()
+                 rows: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None, pool: int | None = None):
+        count = len(sizes)
         self.dtype, self.count, self.sizes, self.n = dtype, count, sizes, np.array(sizes, dtype=np.int64)
+        self.bufs: list[torch.Tensor] | None = None  # pool_many's output buffers, reused from call to call
         self.spec = np.zeros((count, 4), dtype=np.int64)
         self.rows = rows  # kept alive: the pointers below point into them
         P = ctypes.c_void_p * count
         self.starts, self.k, self.hint = P(), P(), P()
-        room, self.top, self.top_small = [], (0, 0), (0, 0)  # dst_top_*'s largest (n, s), and under PARALLEL_MIN
+        # each tensor's room for its output: `room` entries, plus 16 per thread + 16 where `slack`
+        self.room, self.slack = np.zeros(count, dtype=np.int64), np.ones(count, dtype=np.int64)
+        self.top, self.top_small = (0, 0), (0, 0)  # dst_top_*'s largest (n, s), and under PARALLEL_MIN
         self.small = max([n for n in sizes if n < PARALLEL_MIN], default=0)
-        for t, (n, tp, rw) in enumerate(zip(sizes, top, rows)):
-            if tp is not None:
-                self.spec[t] = tp
-                room.append(tp[0] + 16)
-                ns = (n, -(-n // tp[1]))
+        for t, n in enumerate(sizes):
+            if top[t] is not None:
+                self.spec[t] = top[t]
+                ns = (n, -(-n // top[t][1]))
                 self.top = max(self.top, ns)
                 if n < PARALLEL_MIN:
                     self.top_small = max(self.top_small, ns)
+            if pool is not None:  # dst_share_* on threads collects over the whole tensor
+                self.room[t] = n if n >= PARALLEL_MIN else min(n, pool)
+            elif top[t] is not None:
+                self.room[t], self.slack[t] = top[t][0] + 16, 0
             else:
-                starts, k, hint = rw
+                starts, k, hint = rows[t]
                 assert starts.dtype == k.dtype == np.int64 and hint.dtype == _NP_WIDE[dtype]
                 self.spec[t, 0] = -(len(starts) - 1)
                 self.starts[t], self.k[t], self.hint[t] = starts.ctypes.data, k.ctypes.data, hint.ctypes.data
-                room.append(int(np.minimum(k, np.diff(starts)).clip(0).sum()) + 16 * threads + 16)
-        self.off = np.array([0, *itertools.accumulate(room)], dtype=np.int64)
+                self.room[t] = np.minimum(k, np.diff(starts)).clip(0).sum()
+
+    def offsets(self, threads: int) -> np.ndarray:
+        """Where each tensor's output starts (and the total at the end) for a call on `threads`."""
+        return np.concatenate([[0], np.cumsum(self.room + self.slack * (16 * threads + 16))]).astype(np.int64)
+
+    def scratch(self, work: dict, threads: int) -> list[int]:
+        """The scratch sets (dst_top_*'s five arrays, the churn's map) for a call on `threads`:
+        the first for the largest tensor, the others for the largest under PARALLEL_MIN."""
+        out = []
+        for r, (n, s) in enumerate([self.top] + [self.top_small] * (threads - 1)):
+            run = work if r == 0 else work.setdefault(f"run {r}", {})
+            big = int(self.n.max()) if r == 0 else self.small
+            if "map" not in run or len(run["map"]) < big:  # all 0 between calls (the kernel clears what it sets)
+                run["map"] = np.zeros(max(big, 1), dtype=np.uint8)
+            out += [a.ctypes.data for a in top_scratch(n, s, self.dtype, run)] + [run["map"].ctypes.data]
+        return out
+
+
+def _bucket_call(name: str, b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
+                 old_seed: list[torch.Tensor], kind: str, work: dict | None, middle: tuple, ends: tuple,
+                 outputs: list[torch.dtype], width: int, reuse: bool = False) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+    """dst_many_* or dst_pool_many_*: the arguments they share and their output buffers (one
+    tensor per dtype in `outputs`, each tensor's part at its offset; with `reuse`, the bucket's
+    own from its last such call, which saves faulting fresh pages in). Returns the buffers, the
+    offsets and the counts (out: `width` per tensor, the first how many it keeps or -1)."""
+    T, threads = b.count, _state["lib"].dst_threads()
+    P = ctypes.c_void_p * T
+    off = b.offsets(threads)
+    bufs = b.bufs if reuse else None
+    if bufs is None or len(bufs[0]) < off[-1] or [t.dtype for t in bufs] != outputs:
+        bufs = [torch.empty(int(off[-1]), dtype=d) for d in outputs]
+        if reuse:
+            b.bufs = bufs
+    out = np.empty((T, width), dtype=np.int64)
+    n_old = np.array([i.numel() for i in old_idx], dtype=np.int64)
+    scratch = b.scratch(work if work is not None else {}, threads)
+    if getattr(_state["lib"], f"{name}_{_SUFFIX[b.dtype]}")(
+            T, P(*[t.data_ptr() for t in x]), P(*[t.data_ptr() for t in x0]), b.n.ctypes.data, b.spec.ctypes.data,
+            *middle, P(*[t.data_ptr() for t in old_idx]), P(*[t.data_ptr() for t in old_seed]), n_old.ctypes.data,
+            KINDS[kind], *ends, (ctypes.c_void_p * len(scratch))(*scratch), threads,
+            *[t.data_ptr() for t in bufs], off.ctypes.data, out.ctypes.data):
+        raise MemoryError("out of memory for the row kernels' scratch")
+    return bufs, off, out
 
 
 def many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
@@ -427,33 +483,154 @@ def many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list
     values of each tensor (views of one buffer), and per tensor (kept, differ, both, nonfinite):
     how many it keeps (-1: the sample misled; x[t] is untouched and x0[t] its seed: the caller
     takes the other path), how many of those differ from the seed bit for bit, how many of those
-    it kept before too, how many are NaN or infinite. x, x0: `serves`, flat, b.dtype."""
-    T = b.count
-    P = ctypes.c_void_p * T
-    total = int(b.off[-1])
-    pos, seed = torch.empty(total, dtype=torch.long), torch.empty(total, dtype=b.dtype)
-    out = np.empty((T, 4), dtype=np.int64)
-    n_old = np.array([i.numel() for i in old_idx], dtype=np.int64)
-    sets = [b.top] + [b.top_small] * (_state["lib"].dst_threads() - 1)
-    work = work if work is not None else {}
-    scratch = []
-    for r, (n, s) in enumerate(sets):
-        run = work if r == 0 else work.setdefault(f"run {r}", {})
-        big = b.n.max() if r == 0 else b.small
-        if "map" not in run or len(run["map"]) < big:  # all 0 between calls (the kernel clears what it sets)
-            run["map"] = np.zeros(max(big, 1), dtype=np.uint8)
-        scratch += [a.ctypes.data for a in top_scratch(n, s, b.dtype, run)] + [run["map"].ctypes.data]
-    if getattr(_state["lib"], f"dst_many_{_SUFFIX[b.dtype]}")(
-            T, P(*[t.data_ptr() for t in x]), P(*[t.data_ptr() for t in x0]), b.n.ctypes.data, b.spec.ctypes.data,
-            b.starts, b.k, b.hint, P(*[t.data_ptr() for t in old_idx]), P(*[t.data_ptr() for t in old_seed]),
-            n_old.ctypes.data, KINDS[kind], (ctypes.c_void_p * len(scratch))(*scratch), len(sets),
-            pos.data_ptr(), seed.data_ptr(), b.off.ctypes.data, out.ctypes.data):
-        raise MemoryError("out of memory for the row kernels' scratch")
-    kept = out[:, 0].clip(0)
-    cuts = np.empty(2 * T, dtype=np.int64)  # tensor t's kept entries, then the room left after them
-    cuts[0::2], cuts[1::2] = kept, np.diff(b.off) - kept
-    cuts = cuts.tolist()
-    return pos.split(cuts)[0::2], seed.split(cuts)[0::2], out
+    it kept before too, how many are NaN or infinite. x, x0: `serves`, flat, b.dtype. `work`: a
+    dict kept from call to call for the scratch memory."""
+    bufs, off, out = _bucket_call("dst_many", b, x, x0, old_idx, old_seed, kind, work, (b.starts, b.k, b.hint), (),
+                                  [torch.long, b.dtype], 4)
+    cuts = np.empty(2 * b.count, dtype=np.int64)  # tensor t's kept entries, then the room left after them
+    cuts[0::2] = out[:, 0].clip(0)
+    cuts[1::2] = np.diff(off) - cuts[0::2]
+    pos, seed = (t.split(cuts.tolist())[0::2] for t in bufs)
+    return pos, seed, out
+
+
+def pool_many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
+              old_seed: list[torch.Tensor], kind: str, floor: float | None, K: int,
+              work: dict | None = None) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+    """The global silo's shares of a bucket's tensors in one call (b: Bucket(..., pool=K)): x0[t]
+    made the seed as in `many`, then what `share` with the pool's floor (strict; 0 without one,
+    where K >= the tensor's entries) takes, capped at K, else the tensor's own top-K; the rest of
+    x[t] back to the seed. Returns the kept positions, seed values and distances (float32, float64
+    for float64 tensors), and per tensor (kept, differ): how many (-1: the sample misled,
+    x[t]'s top-K untouched and x0[t] its seed: the caller takes the other path) and how many of
+    those differ from the seed bit for bit. They come as buffers (positions, seed values,
+    distances) with each tensor's at its offset, for Pool.add: the bucket's own, written again
+    by its next call (Pool.pack copies what must last)."""
+    (pos, val, seed), off, out = _bucket_call("dst_pool_many", b, x, x0, old_idx, old_seed, kind, work, (),
+                                              (0.0 if floor is None else floor, int(floor is not None), K),
+                                              [torch.long, _WIDE[b.dtype], b.dtype], 2, reuse=True)
+    return [pos, seed, val], off[:-1], out
+
+
+def churn(kept: list[torch.Tensor], old: list[torch.Tensor], x: list[torch.Tensor], work: dict) -> tuple[int, int]:
+    """How many positions of each kept set (ascending) were in the matching old one, and how many
+    of x's values at the kept positions are NaN or infinite, summed over the tensors (flat, `serves`)."""
+    both = bad = 0
+    for bits in {t.element_size() for t in x}:
+        at = [i for i, t in enumerate(x) if t.element_size() == bits]
+        T = len(at)
+        P = ctypes.c_void_p * T
+        big = max(x[i].numel() for i in at)
+        if "map" not in work or len(work["map"]) < big:
+            work["map"] = np.zeros(big, dtype=np.uint8)
+        out = np.empty((T, 2), dtype=np.int64)
+        n_kept, n_old = (np.array([t[i].numel() for i in at], dtype=np.int64) for t in (kept, old))
+        getattr(_state["lib"], f"dst_churn_{_BITS[bits]}")(
+            T, P(*[kept[i].data_ptr() for i in at]), n_kept.ctypes.data, P(*[old[i].data_ptr() for i in at]),
+            n_old.ctypes.data, P(*[x[i].data_ptr() for i in at]), work["map"].ctypes.data, out.ctypes.data)
+        both, bad = both + int(out[:, 0].sum()), bad + int(out[:, 1].sum())
+    return both, bad
+
+
+class Pool:
+    """The global silo's pool on the kernels (engine._step_pool_many), one dtype: its parts (a
+    tensor's share each, in the tensors' order) as the addresses of the tensor, of the share's
+    kept positions, seed values and distances, and how many each holds; the buffers behind them
+    in blocks (pos, seed, val tensors, the first part, how many parts, each part's offset in
+    them). A cut compacts each part in place; a block left mostly empty is packed into buffers
+    of its size, so that its memory goes."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.ptrs = np.empty((0, 4), dtype=np.uint64)  # x, pos, seed, val
+        self.count, self.differ, self.off = (np.empty(0, dtype=np.int64) for _ in range(3))
+        self.blocks: list[list] = []
+
+    @property
+    def size(self) -> int:
+        return int(self.count.sum())
+
+    def add(self, x: list[torch.Tensor], pos: torch.Tensor, seed: torch.Tensor, val: torch.Tensor, off: np.ndarray,
+            count: np.ndarray, differ: np.ndarray) -> None:
+        """A block's parts: x[t]'s share at off[t] in pos, seed and val (count[t] entries, differ[t]
+        of them different from the seed)."""
+        off = np.asarray(off, dtype=np.int64)
+        ptrs = np.empty((len(x), 4), dtype=np.uint64)
+        ptrs[:, 0] = [t.data_ptr() for t in x]
+        for c, buf in enumerate((pos, seed, val), 1):
+            ptrs[:, c] = buf.data_ptr() + off * buf.element_size()
+        self.blocks.append([pos, seed, val, len(self.count), len(x)])
+        self.ptrs = np.concatenate([self.ptrs, ptrs])
+        self.count, self.differ, self.off = (np.concatenate([a, np.asarray(b, dtype=np.int64)])
+                                             for a, b in ((self.count, count), (self.differ, differ), (self.off, off)))
+
+    def values(self) -> list[np.ndarray]:
+        """Each part's distances (NumPy views)."""
+        out = []
+        for pos, seed, val, first, n in self.blocks:
+            out += [v.numpy() for v in self._split(val, first, n)]
+        return out
+
+    def pack(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each part's kept positions and seed values, copied into two buffers of their size (so
+        that the blocks' buffers may be reused: see pool_many)."""
+        cols = []
+        for c, dtype in ((1, torch.long), (2, self.dtype)):
+            new = torch.empty(self.size, dtype=dtype)
+            src = np.ascontiguousarray(self.ptrs[:, c])
+            _state["lib"].dst_pack(len(self.count), src.ctypes.data, self.count.ctypes.data, new.element_size(),
+                                   new.data_ptr())
+            cols.append(new.split(self.count.tolist()))
+        return list(zip(*cols))
+
+    def _split(self, buf: torch.Tensor, first: int, n: int) -> list[torch.Tensor]:
+        off, count = self.off[first:first + n], self.count[first:first + n]
+        cuts = np.empty(2 * n, dtype=np.int64)  # each part's entries, then the room after them
+        cuts[0::2], cuts[1::2] = count, np.append(off[1:], len(buf)) - off - count
+        return list(buf.split(cuts.tolist())[0::2])
+
+    def kth(self, K: int, stride: int, j_lo: int, j_hi: int, work: dict) -> tuple[float, int, int] | None:
+        """select.kth_largest over the parts' distances in one call, the sample's stride and
+        ranks from select.sparse_bracket(size, K); None where the sample misled."""
+        total, n = self.size, len(self.count)
+        s = total // stride + 2
+        wide = _NP_WIDE[self.dtype]
+        sbuf, inside, tmp = _carve(work, [(2 * s + 64, wide), (2 * total + 64, wide), (max(total, 2 * s) + 32, wide)])
+        tau, need, ties = (ctypes.c_double if wide == np.float64 else ctypes.c_float)(), ctypes.c_int64(), ctypes.c_int64()
+        vals = np.ascontiguousarray(self.ptrs[:, 3])
+        if getattr(_state["lib"], f"dst_kth_parts_{_np_suffix(sbuf)}")(
+                n, vals.ctypes.data, self.count.ctypes.data, K, stride, j_lo, j_hi, sbuf.ctypes.data,
+                inside.ctypes.data, tmp.ctypes.data, ctypes.byref(tau), ctypes.byref(need), ctypes.byref(ties)):
+            return None
+        return tau.value, need.value, ties.value
+
+    def cut(self, tau: float, need: int, ties: int) -> None:
+        """Keep the entries above tau and the first `need` equal to it (in pool order), never a
+        distance <= 0; set the others back to their seed values (dst_cut_many_*)."""
+        n = len(self.count)
+        cols = [np.ascontiguousarray(self.ptrs[:, c]) for c in range(4)]
+        left = np.array([need], dtype=np.int64)
+        kept, differ = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        suffix = f"{'f64' if self.dtype == torch.float64 else 'f32'}_{_BITS[torch.empty(0, dtype=self.dtype).element_size()]}"
+        if getattr(_state["lib"], f"dst_cut_many_{suffix}")(
+                n, *[c.ctypes.data for c in cols], self.count.ctypes.data, tau, left.ctypes.data, int(ties == need),
+                kept.ctypes.data, differ.ctypes.data):
+            raise MemoryError("out of memory for the pool cut's tie budgets")
+        self.count, self.differ = kept, differ
+        for b in self.blocks:  # blocks left mostly empty: packed into buffers of their size
+            pos, seed, val, first, n = b
+            live = int(self.count[first:first + n].sum())
+            if 2 * live >= len(pos) or len(pos) < 4096:
+                continue
+            off = np.concatenate([[0], np.cumsum(self.count[first:first + n])[:-1]]).astype(np.int64)
+            for c, buf in enumerate((pos, seed, val)):
+                new = torch.empty(live, dtype=buf.dtype)
+                src = np.ascontiguousarray(self.ptrs[first:first + n, c + 1])
+                _state["lib"].dst_pack(n, src.ctypes.data, self.count[first:first + n].ctypes.data, buf.element_size(),
+                                       new.data_ptr())
+                self.ptrs[first:first + n, c + 1] = new.data_ptr() + off * buf.element_size()
+                b[c] = new
+            self.off[first:first + n] = off
 
 
 def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], tau: float,

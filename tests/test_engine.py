@@ -339,18 +339,20 @@ def test_small_silos_of_several_dtypes_are_projected_exactly(seed, cap, monkeypa
 
 
 def test_batched_default_on_the_cpu_is_the_global_silo_over_small_tensors():
+    """Batched by default on the CPU: the global silo over small tensors, unless the CPU kernels
+    serve every tensor and they have one dtype (a kernel call a bucket is faster then)."""
     small = [(f"s{i}", torch.nn.Parameter(torch.randn(64, 64))) for i in range(3)]
     large = [(f"l{i}", torch.nn.Parameter(torch.randn(256, 300))) for i in range(2)]  # 76,800 each
-    assert DST(small, epsilon=0.01, silo="global", seed="none").batched
-    assert not DST(small, epsilon=0.01, silo="tensor", seed="none").batched
-    assert not DST(small, epsilon=0.01, silo="global", seed="copy").batched  # project() has no buckets
-    assert not DST(large, epsilon=0.01, silo="global", seed="none").batched
-    assert not DST(small, epsilon=0.01, silo="global", seed="none", batched=False).batched
-    # a budget of 5% or more: tensor by tensor where the CPU kernels serve (faster there)
-    wide = DST(small, epsilon=0.1, silo="global", seed="none").batched
-    assert wide == (kernels.lib() is None)
-    with mock.patch.dict(kernels._state, {"lib": None}):
-        assert DST(small, epsilon=0.1, silo="global", seed="none").batched
+    mixed = small + [("h", torch.nn.Parameter(torch.randn(64, 64).to(torch.bfloat16)))]
+    for eps in (1e-3, 0.01, 0.1):
+        assert DST(small, epsilon=eps, silo="global", seed="none").batched == (kernels.lib() is None)
+        assert DST(mixed, epsilon=eps, silo="global", seed="none").batched
+        assert not DST(small, epsilon=eps, silo="tensor", seed="none").batched
+        assert not DST(small, epsilon=eps, silo="global", seed="copy").batched  # project() has no buckets
+        assert not DST(large, epsilon=eps, silo="global", seed="none").batched
+        assert not DST(small, epsilon=eps, silo="global", seed="none", batched=False).batched
+        with mock.patch.dict(kernels._state, {"lib": None}):
+            assert DST(small, epsilon=eps, silo="global", seed="none").batched
 
 
 def test_batched_selection_falls_back_when_the_sample_misleads():

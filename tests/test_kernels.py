@@ -280,6 +280,48 @@ def test_many_is_top_and_rows_a_tensor_at_a_time(sizes, dtype, kind, case, seed,
     assert all(not np.any(run["map"]) for run in [work] + [v for k, v in work.items() if k.startswith("run")])
 
 
+@given(st.lists(st.integers(0, 30_000), min_size=1, max_size=8), st.sampled_from([torch.float32, torch.float64]),
+       st.sampled_from(["rand", "few"]), st.integers(0, 10_000), st.data())
+@settings(max_examples=80, deadline=None)
+def test_pool_kth_is_kth_largest_over_the_parts(lengths, dtype, case, seed, data):
+    """Pool.kth (dst_kth_parts_*: the sample strided through the parts, the bracket, the k-th
+    largest) gives select.kth_largest's (tau, need, ties) wherever the sample does not mislead;
+    Pool.cut then keeps what top_indices over the parts together keeps."""
+    g = np.random.default_rng(seed)
+    total = sum(lengths)
+    if total < 2:
+        return
+    vals = [torch.from_numpy(np.abs(g.standard_normal(n)) + 1e-3) if case == "rand"
+            else torch.from_numpy(g.integers(1, 5, n).astype(np.float64)) for n in lengths]
+    vals = [v.to(dtype) for v in vals]
+    K = data.draw(st.integers(1, total - 1))
+    pool = kernels.Pool(dtype)
+    x = [torch.zeros(max(n, 1), dtype=dtype) for n in lengths]
+    pos = [torch.arange(n) for n in lengths]
+    seed_vals = [torch.zeros(n, dtype=dtype) for n in lengths]
+    for a, p, sv, v, n in zip(x, pos, seed_vals, vals, lengths):
+        pool.add([a], p, sv, v, [0], [n], [0])
+    for a, v in zip(x, vals):  # x holds its values at the candidates; a cut sets the rest to the seed (0)
+        a[:len(v)] = v
+    kernels.lib()
+    got = pool.kth(K, *sparse_bracket(total, K), {})
+    want = kth_largest([v.numpy() for v in vals], K)
+    if got is None:
+        assert case == "few" or total < 5000 or K > 0.9 * total  # where a sample may mislead
+        got = want
+    assert got == want
+    keep = top_indices(torch.cat(vals), K)  # before the cut, which compacts vals in place
+    vals = [v.clone() for v in vals]
+    pool.cut(*got)
+    starts = np.cumsum([0, *lengths])
+    for i, (a, (p, _)) in enumerate(zip(x, pool.pack())):
+        mine = keep[(keep >= int(starts[i])) & (keep < int(starts[i + 1]))] - int(starts[i])
+        assert torch.equal(p, mine)
+        expect = torch.zeros_like(a)
+        expect[mine] = vals[i][mine]
+        assert torch.equal(a, expect)
+
+
 def test_many_takes_a_bucket_of_large_tensors_only():
     """A bucket of tensors of PARALLEL_MIN entries or more (each on all threads), none smaller:
     the same as a tensor at a time."""
@@ -522,34 +564,57 @@ def test_rows_indices_is_the_same_without_kernels(budgets, case, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["absolute", "relative"])
-def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind):
+@pytest.mark.parametrize("shared", [4, 19])
+def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind, shared):
     """The global silo's pool on the CPU kernels (whole tensors shared while it has no floor,
     then only entries above it; cuts of more than 65,536 entries, by the sampled bracket) over
-    steps with ties, against the same steps on the torch path: bit for bit."""
-    def run():
+    steps with ties, a bucket a call (kernels.pool_many, on 2 threads and 1) and a tensor a call,
+    against the same steps on the torch path: parameters, kept sets, step statistics (non-seed
+    entries, churn, non-finite kept entries) bit for bit. One optimizer over the first `shared`
+    tensors: 19 (all of them, at epsilon 0.05) makes a bucket whose shares go in three calls (two
+    runs of at most 4K candidates, the first cut, the rest at once above its floor)."""
+    def run(many=True):
         g = torch.Generator().manual_seed(1)
         shapes = [(120, 100)] * 16 + [(100_000,), (7,), (300, 30)]
         params = {f"w{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for i, s in enumerate(shapes)}
-        dst = DST(params.items(), epsilon=0.1, silo="global", distance=kind, seed="none", batched=False)
+        dst = DST(params.items(), epsilon=0.1 if shared < 19 else 0.05, silo="global", distance=kind, seed="none",
+                  batched=False)
+        dst._many = dst._many and many
         opts = {n: torch.optim.Adam([p], lr=1e-2) for n, p in params.items()}
+        one = torch.optim.Adam([params[f"w{i}"] for i in range(shared)], lr=1e-2)
+        opts.update({f"w{i}": one for i in range(shared)})
+        stats = []
         for step in range(4):
             for i, p in enumerate(params.values()):  # rounded in some tensors: ties across tensors
                 grad = torch.randn(p.shape, generator=g)
                 p.grad = (grad.round() if i % 3 == 0 else grad).to(dtype)
-            dst.step(opts)
-        return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}, dst.nonseed()
+            if step == 2:
+                params["w16"].grad[5] = float("nan")
+            st = dst.step(opts)
+            stats.append((st.nonseed, st.entered, st.left, dst.nonfinite()))
+        return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}, stats
 
     calls = []
-    for name in ("share", "cut_many"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
-    fused = run()
-    assert {"share", "cut_many"} <= set(calls)  # the pool ran on the kernels
+    for owner, name in ((kernels, "share"), (kernels, "cut_many"), (kernels, "pool_many"), (kernels.Pool, "kth"),
+                        (kernels.Pool, "cut")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    fused, one_thread = [run() for _ in threads()]
+    assert {"pool_many", "kth", "cut"} <= set(calls)  # the pool ran on the kernels
+    assert shared < 19 or calls[:5] == ["pool_many", "pool_many", "kth", "cut", "pool_many"]
+    with monkeypatch.context() as m:  # as where the sample misleads: select.kth_largest ranks the pool
+        m.setattr(kernels.Pool, "kth", lambda *a, **k: None)
+        unsampled = run()
+    calls.clear()
+    single = run(many=False)
+    assert "pool_many" not in calls and {"share", "cut_many"} <= set(calls)
     monkeypatch.setitem(kernels._state, "lib", None)  # as without a compiler
     plain = run()
-    for a, b in zip(fused[:2], plain[:2]):
-        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert fused[2] == plain[2]
+    for other in (one_thread, unsampled, single, plain):
+        for a, b in zip(fused[:2], other[:2]):
+            assert a.keys() == b.keys() and all(torch.equal(bits_view(a[n]), bits_view(b[n])) for n in a)
+        assert fused[2] == other[2]
+    assert any(s[1] for s in fused[2][1:]) and any(s[3] for s in fused[2])
 
 
 @pytest.mark.parametrize("silo", ["tensor", "global", "row"])
@@ -583,11 +648,11 @@ def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
                 {n: k.seed_vals for n, k in dst.kept.items()}, stats)
 
     calls = []
-    for name in ("top", "share", "rows", "many"):
+    for name in ("top", "share", "rows", "many", "pool_many"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     fused, one_thread = [run() for _ in threads()]
-    assert {"tensor": "many", "global": "share", "row": "many"}[silo] in calls  # the fused path ran
+    assert {"tensor": "many", "global": "pool_many", "row": "many"}[silo] in calls  # the fused path ran
     calls.clear()
     single = run(many=False)
     assert "many" not in calls and {"tensor": "top", "global": "share", "row": "rows"}[silo] in calls
@@ -601,15 +666,16 @@ def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_misleading_sample_in_a_bucket_takes_the_torch_path(monkeypatch, dtype):
-    """kernels.many declines a tensor whose sample misleads (kept -1): the engine ranks that one
-    on the torch path, the bucket's other tensors stay as the kernel left them, and the result is
-    what the kernels switched off give, bit for bit."""
+@pytest.mark.parametrize("silo", ["tensor", "global"])
+def test_a_misleading_sample_in_a_bucket_takes_the_torch_path(monkeypatch, dtype, silo):
+    """kernels.many (kernels.pool_many) declines a tensor whose sample misleads (kept -1): the
+    engine ranks that one on the torch path, the bucket's other tensors stay as the kernel left
+    them, and the result is what the kernels switched off give, bit for bit."""
     def run():
         x, x0 = pair(40_000, dtype, "fool", 3)
         b = torch.randn(300, 100, generator=torch.Generator().manual_seed(5)).to(dtype)
         params = {"a": torch.nn.Parameter(x0.clone()), "b": torch.nn.Parameter(b)}
-        dst = DST(params.items(), epsilon=0.05, seed="none")
+        dst = DST(params.items(), epsilon=0.05, silo=silo, seed="none", batched=False)
         opt = torch.optim.SGD(list(params.values()), lr=1.0)
         params["a"].grad = (x0 - x).to(dtype)  # one step of SGD takes "a" to x exactly (lr 1)
         params["b"].grad = torch.randn(300, 100, generator=torch.Generator().manual_seed(4)).to(dtype)
@@ -617,10 +683,12 @@ def test_a_misleading_sample_in_a_bucket_takes_the_torch_path(monkeypatch, dtype
         return [p.detach().clone() for p in params.values()], [k.idx for k in dst.kept.values()], st.nonseed
 
     outs = []
-    real = kernels.many
-    monkeypatch.setattr(kernels, "many", lambda *a, **k: outs.append(real(*a, **k)) or outs[-1])
+    name = "many" if silo == "tensor" else "pool_many"
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **k: outs.append(real(*a, **k)) or outs[-1])
     fused = run()
-    assert outs[0][2][0, 0] == -1 and outs[0][2][1, 0] == 1500  # "a" declined, "b" kept its budget
+    assert outs[0][2][0, 0] == -1  # "a" declined
+    assert outs[0][2][1, 0] == {"tensor": 1500, "global": 3500}[silo]  # "b" kept its budget (its own top-K)
     monkeypatch.setitem(kernels._state, "lib", None)
     plain = run()
     assert all(torch.equal(bits_view(a), bits_view(b)) for a, b in zip(fused[0] + fused[1], plain[0] + plain[1]))

@@ -50,10 +50,12 @@ def test_train_improves_and_applied_patch_reproduces_the_model(tmp_path):
         assert e["changed"] <= e["silo"]["budget"]
 
 
-def test_global_silo_batched_on_the_cpu_gives_the_per_tensor_patch(tmp_path, monkeypatch):
-    """The bundled model's global silo runs batched by default on the CPU (small tensors): the
-    patch is byte for byte the per-tensor engine's (other buckets, same kept sets and values)."""
+def test_global_silo_batched_on_the_cpu_gives_the_default_patch(tmp_path, monkeypatch):
+    """The bundled model's global silo batched on the CPU (the default without the CPU kernels)
+    and by default (a kernel call a bucket where they serve): the patch is byte for byte the same
+    (other buckets, same kept sets and values)."""
     import dstcli.train as T
+    from dstcli import kernels
     from dstcli.engine import DST
 
     made = []
@@ -64,15 +66,15 @@ def test_global_silo_batched_on_the_cpu_gives_the_per_tensor_patch(tmp_path, mon
             made.append(self.batched)
     monkeypatch.setattr(T, "DST", Spy)
     run = {**SMALL, "steps": 8, "reselect_every": 2}
-    train(TrainOptions(output=str(tmp_path / "batched.dst"), silo="global", **run))
+    train(TrainOptions(output=str(tmp_path / "default.dst"), silo="global", **run))
 
-    class PerTensor(Spy):
+    class Batched(Spy):
         def __init__(self, *a, **kw):
-            super().__init__(*a, **kw, batched=False)
-    monkeypatch.setattr(T, "DST", PerTensor)
-    train(TrainOptions(output=str(tmp_path / "per-tensor.dst"), silo="global", **run))
-    assert made == [True, False]
-    assert (tmp_path / "batched.dst").read_bytes() == (tmp_path / "per-tensor.dst").read_bytes()
+            super().__init__(*a, **kw, batched=True)
+    monkeypatch.setattr(T, "DST", Batched)
+    train(TrainOptions(output=str(tmp_path / "batched.dst"), silo="global", **run))
+    assert made == [kernels.lib() is None, True]
+    assert (tmp_path / "batched.dst").read_bytes() == (tmp_path / "default.dst").read_bytes()
 
 
 def test_bucket_option_changes_the_buckets_not_the_patch(tmp_path, monkeypatch):
