@@ -1007,6 +1007,11 @@ ROWS(f64, double, double, 64)
 #define NONFINITE_16(u) (((u) & 0x7f80u) == 0x7f80u)
 #define NONFINITE_64(u) (((u) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
 #define MANY_PARALLEL_MIN (1 << 16) /* tensors under PARALLEL_MIN entries, in all */
+#ifdef _OPENMP
+#define THREAD_NUM omp_get_thread_num()
+#else
+#define THREAD_NUM 0
+#endif
 /* out[0]: how many of the kept positions p (ascending) were kept before too (old), counted on
  * map (a byte an entry of x, all 0 on entry and on return); out[1]: how many of x's kept values
  * are NaN or infinite */
@@ -1028,21 +1033,24 @@ CHURN(32)
 CHURN(64)
 
 /* dst_churn_*: churn_* for count tensors (the global silo's kept sets once its pool is cut:
- * p[t] with kept[t] entries, old[t] with n_old[t], x[t]; map: a byte an entry of the largest,
- * all 0), out[2t..2t+1] */
+ * p[t] with kept[t] entries, old[t] with n_old[t], x[t] of n[t] entries), out[2t..2t+1]; on up to
+ * `maps` threads, each with its map (a byte an entry of the largest tensor, all 0) */
 #define CHURN_MANY(BITS)                                                                     \
     void dst_churn_##BITS(int64_t count, const int64_t **p, const int64_t *kept, const int64_t **old, \
-                          const int64_t *n_old, const uint##BITS##_t **x, uint8_t *map, int64_t *out) { \
-        for (int64_t t = 0; t < count; t++) churn_##BITS(p[t], kept[t], old[t], n_old[t], x[t], map, out + 2 * t); \
+                          const int64_t *n_old, const uint##BITS##_t **x, const int64_t *n, uint8_t **map, \
+                          int maps, int64_t *out) {                                          \
+        int64_t entries = 0;                                                                 \
+        for (int64_t t = 0; t < count; t++) entries += kept[t] + n_old[t];                   \
+        int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, count) : 1;         \
+        if (runs > maps) runs = maps;                                                        \
+        (void)n;                                                                             \
+        PARALLEL_FOR_DYNAMIC                                                                 \
+        for (int64_t t = 0; t < count; t++)                                                  \
+            churn_##BITS(p[t], kept[t], old[t], n_old[t], x[t], map[THREAD_NUM], out + 2 * t); \
     }
 CHURN_MANY(16)
 CHURN_MANY(32)
 CHURN_MANY(64)
-#ifdef _OPENMP
-#define THREAD_NUM omp_get_thread_num()
-#else
-#define THREAD_NUM 0
-#endif
 /* ONE(t, scratch set, ...) for each of `count` tensors (n[t] entries; `sets` scratch sets of 6
  * pointers): from PARALLEL_MIN entries on one after the other (each on all threads), the others
  * a thread each once they add up to MANY_PARALLEL_MIN; returns -1 where a call did, else 0 */

@@ -162,7 +162,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
         f = getattr(lib, f"dst_churn_{bits}")
-        f.restype, f.argtypes = None, [I, P, P, P, P, P, P, P]
+        f.restype, f.argtypes = None, [I, P, P, P, P, P, P, P, C, P]
     for suf, real, bits in (("f32", F, "16"), ("f32", F, "32"), ("f64", D, "16"), ("f64", D, "32"), ("f64", D, "64")):
         f = getattr(lib, f"dst_cut_many_{suf}_{bits}")
         f.restype, f.argtypes = C, [I, P, P, P, P, P, real, P, C, P, P]
@@ -514,20 +514,27 @@ def pool_many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx:
 
 def churn(kept: list[torch.Tensor], old: list[torch.Tensor], x: list[torch.Tensor], work: dict) -> tuple[int, int]:
     """How many positions of each kept set (ascending) were in the matching old one, and how many
-    of x's values at the kept positions are NaN or infinite, summed over the tensors (flat, `serves`)."""
+    of x's values at the kept positions are NaN or infinite, summed over the tensors (flat,
+    `serves`), in one call per width of x; tensors on several threads."""
     both = bad = 0
+    threads = _state["lib"].dst_threads()
     for bits in {t.element_size() for t in x}:
         at = [i for i, t in enumerate(x) if t.element_size() == bits]
         T = len(at)
         P = ctypes.c_void_p * T
         big = max(x[i].numel() for i in at)
-        if "map" not in work or len(work["map"]) < big:
-            work["map"] = np.zeros(big, dtype=np.uint8)
+        maps = []
+        for r in range(threads):
+            run = work if r == 0 else work.setdefault(f"run {r}", {})
+            if "map" not in run or len(run["map"]) < big:  # all 0 between calls (the kernel clears what it sets)
+                run["map"] = np.zeros(max(big, 1), dtype=np.uint8)
+            maps.append(run["map"].ctypes.data)
         out = np.empty((T, 2), dtype=np.int64)
-        n_kept, n_old = (np.array([t[i].numel() for i in at], dtype=np.int64) for t in (kept, old))
+        n_kept, n_old, n = (np.array([t[i].numel() for i in at], dtype=np.int64) for t in (kept, old, x))
         getattr(_state["lib"], f"dst_churn_{_BITS[bits]}")(
             T, P(*[kept[i].data_ptr() for i in at]), n_kept.ctypes.data, P(*[old[i].data_ptr() for i in at]),
-            n_old.ctypes.data, P(*[x[i].data_ptr() for i in at]), work["map"].ctypes.data, out.ctypes.data)
+            n_old.ctypes.data, P(*[x[i].data_ptr() for i in at]), n.ctypes.data, (ctypes.c_void_p * threads)(*maps),
+            threads, out.ctypes.data)
         both, bad = both + int(out[:, 0].sum()), bad + int(out[:, 1].sum())
     return both, bad
 

@@ -1,3 +1,5 @@
+import os
+import shutil
 from unittest import mock
 
 import pytest
@@ -336,6 +338,14 @@ def test_small_silos_of_several_dtypes_are_projected_exactly(seed, cap, monkeypa
         for n, o in zip(names, out):
             assert bits_view(params[n].detach()).equal(bits_view(o)), (step, n)
             assert dst.kept[n].seed_vals.dtype == params[n].dtype
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CC") or "cc") or os.environ.get("DSTCLI_KERNELS") == "0",
+                    reason="no C compiler here, or the kernels are switched off")
+def test_the_cpu_kernels_build_where_there_is_a_compiler():
+    """tests/test_kernels.py is skipped where the kernels are not loaded: with a compiler at hand,
+    a kernels.c that does not build must fail here, not pass as a skip."""
+    assert kernels.lib() is not None, kernels.why()
 
 
 def test_batched_default_on_the_cpu_is_the_global_silo_over_small_tensors():
