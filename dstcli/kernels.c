@@ -56,6 +56,8 @@ static int threads_for(int64_t n, int64_t items) {
 #define PARALLEL_FOR _Pragma("omp parallel for num_threads(runs) schedule(static, 1)")
 #define PARALLEL_FOR_DYNAMIC _Pragma("omp parallel for num_threads(runs) schedule(dynamic, 1)")
 #define PARALLEL_FOR_DYNAMIC_SUM _Pragma("omp parallel for num_threads(runs) schedule(dynamic, 1) reduction(+:used)")
+#define PARALLEL_FOR_STATIC _Pragma("omp parallel for num_threads(runs) schedule(static)")
+#define PARALLEL_FOR_STATIC_SUM _Pragma("omp parallel for num_threads(runs) schedule(static) reduction(+:used)")
 #else
 static int threads_for(int64_t n, int64_t items) {
     (void)n;
@@ -65,6 +67,8 @@ static int threads_for(int64_t n, int64_t items) {
 #define PARALLEL_FOR
 #define PARALLEL_FOR_DYNAMIC
 #define PARALLEL_FOR_DYNAMIC_SUM
+#define PARALLEL_FOR_STATIC
+#define PARALLEL_FOR_STATIC_SUM
 #endif
 
 /* how many threads the kernels may use (1 without OpenMP) */
@@ -1012,25 +1016,63 @@ ROWS(f64, double, double, 64)
 #else
 #define THREAD_NUM 0
 #endif
-/* out[0]: how many of the kept positions p (ascending) were kept before too (old), counted on
- * map (a byte an entry of x, all 0 on entry and on return); out[1]: how many of x's kept values
- * are NaN or infinite */
+/* how many positions two ascending lists share (a merge without branches) */
+static int64_t common_sorted(const int64_t *a, int64_t na, const int64_t *b, int64_t nb) {
+    int64_t i = 0, j = 0, c = 0;
+    while (i < na && j < nb) {
+        int64_t u = a[i], v = b[j];
+        c += u == v;
+        i += u <= v;
+        j += v <= u;
+    }
+    return c;
+}
+
+/* out[0]: how many of the kept positions p (ascending) were kept before too (old), by a merge
+ * where they are sparse in x's n entries, else counted on map (a byte an entry of x, all 0 on
+ * entry and on return); out[1]: how many of x's kept values are NaN or infinite
+ * (the positions are distinct: threads from PARALLEL_MIN entries on, outside parallel regions) */
 #define CHURN(BITS)                                                                          \
     static void churn_##BITS(const int64_t *p, int64_t kept, const int64_t *old, int64_t n_old, \
-                             const uint##BITS##_t *x, uint8_t *map, int64_t *out) {           \
-        int64_t both = 0, bad = 0;                                                           \
+                             const uint##BITS##_t *x, int64_t n, uint8_t *map, int64_t *out) { \
+        int runs = threads_for(kept + n_old, MAX_THREADS);                                   \
+        int64_t used = 0;                                                                    \
+        (void)runs;                                                                          \
+        if ((kept + n_old) * 16 < n) { /* sparse: a merge, no misses in a map (cold after the \
+                                          forward and backward pass: a miss an entry) */     \
+            for (int64_t i = 0; i < kept; i++) used += NONFINITE_##BITS(x[p[i]]);            \
+            out[1] = used;                                                                   \
+            out[0] = common_sorted(p, kept, old, n_old);                                     \
+            return;                                                                          \
+        }                                                                                    \
+        PARALLEL_FOR_STATIC                                                                  \
         for (int64_t i = 0; i < kept; i++) map[p[i]] = 1;                                    \
-        for (int64_t i = 0; i < n_old; i++) both += map[old[i]];                             \
+        PARALLEL_FOR_STATIC_SUM                                                              \
+        for (int64_t i = 0; i < n_old; i++) used += map[old[i]];                             \
+        out[0] = used;                                                                       \
+        used = 0;                                                                            \
+        PARALLEL_FOR_STATIC_SUM                                                              \
         for (int64_t i = 0; i < kept; i++) {                                                 \
-            bad += NONFINITE_##BITS(x[p[i]]);                                                \
+            used += NONFINITE_##BITS(x[p[i]]);                                               \
             map[p[i]] = 0;                                                                   \
         }                                                                                    \
-        out[0] = both;                                                                       \
-        out[1] = bad;                                                                        \
+        out[1] = used;                                                                       \
     }
 CHURN(16)
 CHURN(32)
 CHURN(64)
+
+/* x0 at the n positions old gets the values seed back (a tensor's seed again) */
+#define RESTORE(BITS)                                                                        \
+    static void restore_##BITS(uint##BITS##_t *x0, const int64_t *old, const uint##BITS##_t *seed, int64_t n) { \
+        int runs = threads_for(n, MAX_THREADS);                                              \
+        (void)runs;                                                                          \
+        PARALLEL_FOR_STATIC                                                                  \
+        for (int64_t i = 0; i < n; i++) x0[old[i]] = seed[i];                                \
+    }
+RESTORE(16)
+RESTORE(32)
+RESTORE(64)
 
 /* dst_churn_*: churn_* for count tensors (the global silo's kept sets once its pool is cut:
  * p[t] with kept[t] entries, old[t] with n_old[t], x[t] of n[t] entries), out[2t..2t+1]; on up to
@@ -1043,10 +1085,9 @@ CHURN(64)
         for (int64_t t = 0; t < count; t++) entries += kept[t] + n_old[t];                   \
         int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, count) : 1;         \
         if (runs > maps) runs = maps;                                                        \
-        (void)n;                                                                             \
         PARALLEL_FOR_DYNAMIC                                                                 \
         for (int64_t t = 0; t < count; t++)                                                  \
-            churn_##BITS(p[t], kept[t], old[t], n_old[t], x[t], map[THREAD_NUM], out + 2 * t); \
+            churn_##BITS(p[t], kept[t], old[t], n_old[t], x[t], n[t], map[THREAD_NUM], out + 2 * t); \
     }
 CHURN_MANY(16)
 CHURN_MANY(32)
@@ -1079,10 +1120,8 @@ CHURN_MANY(64)
                               const int64_t *n_old, int kind, int64_t *pos, T *seed,         \
                               const int64_t *off, int64_t *out) {                            \
         typedef uint##BITS##_t U;                                                            \
-        U *s0 = (U *)x0[t];                                                                  \
         const int64_t *oi = old_idx[t];                                                      \
-        const U *os = old_seed[t];                                                           \
-        for (int64_t i = 0; i < n_old[t]; i++) s0[oi[i]] = os[i];                            \
+        restore_##BITS((U *)x0[t], oi, old_seed[t], n_old[t]);                               \
         const int64_t *sp = spec + 4 * t;                                                    \
         int64_t *o = out + 4 * t, *p = pos + off[t], differ = 0, kept;                       \
         if (sp[0] > 0)                                                                       \
@@ -1094,7 +1133,7 @@ CHURN_MANY(64)
         o[0] = kept;                                                                         \
         if (kept < 0) return 0;                                                              \
         o[1] = differ;                                                                       \
-        churn_##BITS(p, kept, oi, n_old[t], (const U *)x[t], (uint8_t *)sc[5], o + 2);        \
+        churn_##BITS(p, kept, oi, n_old[t], (const U *)x[t], n[t], (uint8_t *)sc[5], o + 2);  \
         return 0;                                                                            \
     }                                                                                        \
     int64_t dst_many_##SUF(int64_t count, T **x, T **x0, const int64_t *n, const int64_t *spec, \
@@ -1127,10 +1166,7 @@ MANY(f64, double, double, 64)
                               const int64_t *n_old, int kind, D floor, int has_floor, int64_t K, \
                               int64_t *pos, D *val, T *seed, const int64_t *off, int64_t *out) { \
         typedef uint##BITS##_t U;                                                            \
-        U *s0 = (U *)x0[t];                                                                  \
-        const int64_t *oi = old_idx[t];                                                      \
-        const U *os = old_seed[t];                                                           \
-        for (int64_t i = 0; i < n_old[t]; i++) s0[oi[i]] = os[i];                            \
+        restore_##BITS((U *)x0[t], old_idx[t], old_seed[t], n_old[t]);                       \
         int64_t m = n[t], *p = pos + off[t], *o = out + 2 * t, differ = 0, kept;             \
         D *v = val + off[t];                                                                 \
         T *s = seed + off[t];                                                                \

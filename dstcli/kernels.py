@@ -405,6 +405,8 @@ class Bucket:
         count = len(sizes)
         self.dtype, self.count, self.sizes, self.n = dtype, count, sizes, np.array(sizes, dtype=np.int64)
         self.bufs: list[torch.Tensor] | None = None  # pool_many's output buffers, reused from call to call
+        self._offsets: dict[int, np.ndarray] = {}
+        self._scratch: tuple | None = None
         self.spec = np.zeros((count, 4), dtype=np.int64)
         self.rows = rows  # kept alive: the pointers below point into them
         P = ctypes.c_void_p * count
@@ -433,19 +435,31 @@ class Bucket:
 
     def offsets(self, threads: int) -> np.ndarray:
         """Where each tensor's output starts (and the total at the end) for a call on `threads`."""
-        return np.concatenate([[0], np.cumsum(self.room + self.slack * (16 * threads + 16))]).astype(np.int64)
+        if threads not in self._offsets:
+            self._offsets[threads] = np.concatenate(
+                [[0], np.cumsum(self.room + self.slack * (16 * threads + 16))]).astype(np.int64)
+        return self._offsets[threads]
 
-    def scratch(self, work: dict, threads: int) -> list[int]:
-        """The scratch sets (dst_top_*'s five arrays, the churn's map) for a call on `threads`:
-        the first for the largest tensor, the others for the largest under PARALLEL_MIN."""
+    def scratch(self, work: dict, threads: int):
+        """The scratch sets (dst_top_*'s five arrays, the churn's map) for a call on `threads`, as
+        a ctypes array of addresses: the first for the largest tensor, the others for the largest
+        under PARALLEL_MIN. Kept for the next call while `work` holds the same buffers (the cache
+        holds them too, so that no other array can take their ids): carving them again cost
+        more than the kernel on small buckets."""
+        runs = [work] + [work.setdefault(f"run {r}", {}) for r in range(1, threads)]
+        key = tuple((id(run.get("buf")), id(run.get("map"))) for run in runs)
+        if self._scratch is not None and self._scratch[0] == key:
+            return self._scratch[2]
         out = []
-        for r, (n, s) in enumerate([self.top] + [self.top_small] * (threads - 1)):
-            run = work if r == 0 else work.setdefault(f"run {r}", {})
+        for r, ((n, s), run) in enumerate(zip([self.top] + [self.top_small] * (threads - 1), runs)):
             big = int(self.n.max()) if r == 0 else self.small
             if "map" not in run or len(run["map"]) < big:  # all 0 between calls (the kernel clears what it sets)
                 run["map"] = np.zeros(max(big, 1), dtype=np.uint8)
             out += [a.ctypes.data for a in top_scratch(n, s, self.dtype, run)] + [run["map"].ctypes.data]
-        return out
+        key = tuple((id(run.get("buf")), id(run.get("map"))) for run in runs)
+        held = [(run.get("buf"), run.get("map")) for run in runs]
+        self._scratch = (key, held, (ctypes.c_void_p * len(out))(*out))
+        return self._scratch[2]
 
 
 def _bucket_call(name: str, b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
@@ -469,7 +483,7 @@ def _bucket_call(name: str, b: Bucket, x: list[torch.Tensor], x0: list[torch.Ten
     if getattr(_state["lib"], f"{name}_{_SUFFIX[b.dtype]}")(
             T, P(*[t.data_ptr() for t in x]), P(*[t.data_ptr() for t in x0]), b.n.ctypes.data, b.spec.ctypes.data,
             *middle, P(*[t.data_ptr() for t in old_idx]), P(*[t.data_ptr() for t in old_seed]), n_old.ctypes.data,
-            KINDS[kind], *ends, (ctypes.c_void_p * len(scratch))(*scratch), threads,
+            KINDS[kind], *ends, scratch, threads,
             *[t.data_ptr() for t in bufs], off.ctypes.data, out.ctypes.data):
         raise MemoryError("out of memory for the row kernels' scratch")
     return bufs, off, out

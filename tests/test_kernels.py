@@ -323,10 +323,12 @@ def test_pool_kth_is_kth_largest_over_the_parts(lengths, dtype, case, seed, data
 
 
 def test_many_takes_a_bucket_of_large_tensors_only():
-    """A bucket of tensors of PARALLEL_MIN entries or more (each on all threads), none smaller:
-    the same as a tensor at a time."""
-    sizes = [kernels.PARALLEL_MIN, kernels.PARALLEL_MIN + 5]
-    draws = iter([3, 1, 20_000, True, 10, 1, 5_000, True])  # old kept, R, k, top? for each tensor
+    """A bucket of tensors of PARALLEL_MIN entries or more (each on all threads: its kernels, the
+    seed put back at the old kept set, the churn count), none smaller: the same as a tensor at a
+    time."""
+    sizes = [kernels.PARALLEL_MIN, 2 * kernels.PARALLEL_MIN + 5]
+    big = kernels.PARALLEL_MIN + 10  # old kept entries and new ones: both on threads
+    draws = iter([3, 1, 20_000, True, big, 1, big, True])  # old kept, R, k, top? for each tensor
     xs, snaps, seeds, olds, old_vals, b, want = many_case(sizes, torch.float32, "absolute", "rand", 0,
                                                           lambda strategy: next(draws))
     for _ in threads():
