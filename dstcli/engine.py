@@ -66,6 +66,15 @@ BUCKET_MIN = 1 << 20
 # On the CPU the global silo runs batched when tensors average fewer entries than this: the
 # bundled model (26K a tensor) gains 4-11 points of step time, a 25M GPT (250K) loses 10-70%.
 SMALL_TENSOR = 1 << 16
+# The global silo's kernel path keeps each bucket's output buffers between steps while the pages
+# written into them add up to at most this many bytes: reuse saves faulting fresh pages in (~1 ms
+# a step on the bundled model, all of whose buffers fit; 25M model at 1e-2 about 12 ms where
+# only 32 MB were kept), but kept without a cap they held up to ~16 bytes a parameter through
+# forward and backward (25M model at epsilon 1e-1: peak 1,357-1,371 MB against 1,236-1,260 with
+# the cap, for 15-25 ms more a step).
+POOL_REUSE = 48 << 20
+# ... and cuts its pool to the top-K once it holds more than POOL_CUT * K entries
+POOL_CUT = 4
 
 
 @dataclass
@@ -249,18 +258,19 @@ class DST:
         self._work: dict = {}  # kernels.top's scratch memory, reused from tensor to tensor
         # each row's (row silos) or small silo's (a batch of them) last k-th largest distance
         self._row_hints: dict[str | tuple[str, ...], np.ndarray] = {}
+        # the CPU kernels can take a whole bucket in one call (kernels.many, kernels.pool_many);
+        # the global silo's pool needs one dtype throughout
+        bucket_kernels = (shards is None and all(map(kernels.serves, self.params.values()))
+                          and (silo != "global" or len({p.dtype for p in self.params.values()}) == 1))
         if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
             sizes = [p.numel() for p in self.params.values()]
-            pool_kernels = (silo == "global" and shards is None and all(map(kernels.serves, self.params.values()))
-                            and len({p.dtype for p in self.params.values()}) == 1)
             batched = (all(p.device.type == "cuda" for p in self.params.values())
-                       or (silo == "global" and sum(sizes) < SMALL_TENSOR * len(sizes) and not pool_kernels))
+                       or (silo == "global" and sum(sizes) < SMALL_TENSOR * len(sizes) and not bucket_kernels))
         self.batched = bool(batched) and self.seed is None and gather is None
         # step a bucket, then project all its tensors in one kernel call (kernels.many)
-        self._many = (not self.batched and self.seed is None and gather is None and shards is None
-                      and all(map(kernels.serves, self.params.values()))
-                      and (silo != "global" or len({p.dtype for p in self.params.values()}) == 1))
+        self._many = not self.batched and self.seed is None and gather is None and bucket_kernels
         self._many_plans: dict[tuple, kernels.Bucket | list[int]] = {}
+        self._pool_used: list[kernels.Bucket] = []  # the kernels.Buckets pool_many ran on in this step
         self._counted = False  # whether the last step counted the non-finite kept entries
         # first name -> (names, kept objects, positions in each tensor, seed values, kept per tensor)
         self._bucket_kept: dict[str, tuple] = {}
@@ -374,7 +384,7 @@ class DST:
         self.step_count += 1
         self._counted = True
         both = new = old = 0
-        for names in dict.fromkeys(tuple(groups[n]) for n in self.params if n not in self.frozen):
+        for names in self._buckets(groups):
             b = self._many_plans.get(names) or self._many_plan(names)
             params, views = self._snapshot_step(b, names, optimizers[names[0]])
             before = [self.kept[n] for n in names]
@@ -413,7 +423,7 @@ class DST:
         before = {n: k.idx for n, k in self.kept.items()}
         pool = kernels.Pool(next(iter(self.params.values())).dtype)
         floor = None
-        for names in dict.fromkeys(tuple(groups[n]) for n in self.params):
+        for names in self._buckets(groups):
             b = self._many_plans.get(names) or self._many_plan(names)
             params, views = self._snapshot_step(b, names, optimizers[names[0]])
             at, ends = 0, self._pool_chunks(names, K)
@@ -421,10 +431,11 @@ class DST:
                 end = next(e for e in ends if e > at) if floor is None else len(names)
                 self._pool_share(pool, names[at:end], params[at:end], views[at:end], before, floor, K)
                 at = end
-                if pool.size > 4 * K:
+                if pool.size > POOL_CUT * K:
                     floor = self._cut_kernels(pool, K)
         if pool.size > K:
             self._cut_kernels(pool, K)
+        self._keep_pool_buffers()
         names = list(self.params)
         for n, (idx, seed_vals), differ in zip(names, pool.pack(), pool.differ.tolist()):
             self.kept[n], self._nonseed[n] = _Kept(idx, seed_vals), differ
@@ -433,11 +444,23 @@ class DST:
         new, old = int(pool.count.sum()), sum(i.numel() for i in before.values())
         return StepStats(self.step_count, self.nonseed(), new - both, old - both, True)
 
+    def _keep_pool_buffers(self) -> None:
+        """Keep this step's pool_many output buffers for the next step (no fresh pages to fault in)
+        while the pages written into them add up to at most POOL_REUSE bytes; free the others."""
+        held = 0
+        for b in dict.fromkeys(self._pool_used):
+            if held + b.touched <= POOL_REUSE:
+                held += b.touched
+            else:
+                b.bufs = None
+        self._pool_used.clear()
+
     def _pool_share(self, pool: kernels.Pool, names: tuple[str, ...], params: list[torch.Tensor],
                     views: list[torch.Tensor], before: dict[str, torch.Tensor], floor: float | None, K: int) -> None:
         """Add consecutive tensors' shares to a kernels.Pool in one call (kernels.pool_many;
         `views`: their snapshots), a tensor whose sample misled through _global_share."""
         b = self._many_plans.get(names) or self._many_plan(names)
+        self._pool_used.append(b)
         bufs, off, out = kernels.pool_many(b, params, views, [before[n] for n in names],
                                            [self.kept[n].seed_vals for n in names], self.distance, floor, K, self._work)
         at = 0
@@ -460,7 +483,7 @@ class DST:
             ends, room = [], 0
             for i, n in enumerate(names):
                 m = min(self.params[n].numel(), K)
-                if room and room + m > 4 * K:
+                if room and room + m > POOL_CUT * K:
                     ends.append(i)
                     room = 0
                 room += m
@@ -503,12 +526,15 @@ class DST:
                 rows.append(None)
                 continue
             if n not in self._row_hints or len(self._row_hints[n]) != R:
-                wide = np.float64 if self.params[n].dtype == torch.float64 else np.float32
-                self._row_hints[n] = np.zeros(R, dtype=wide)
+                self._row_hints[n] = kernels.hints(R, self.params[n].dtype)
             top.append(None)
             rows.append((np.arange(0, m + 1, m // R, dtype=np.int64), ks, self._row_hints[n]))
         b = self._many_plans[names] = kernels.Bucket(self.params[names[0]].dtype, sizes, top, rows)
         return b
+
+    def _buckets(self, groups: dict[str, list[str]]) -> list[tuple[str, ...]]:
+        """The buckets (tensors stepped by one optimizer) that hold a tuned tensor, in order."""
+        return list(dict.fromkeys(tuple(groups[n]) for n in self.params if n not in self.frozen))
 
     def _step_batched(self, optimizers: Mapping[str, torch.optim.Optimizer], groups: dict[str, list[str]]) -> StepStats:
         """`step` a bucket at a time: snapshot, update, distances, selection and reset each run
@@ -516,7 +542,7 @@ class DST:
         self.step_count += 1
         self._counted = True
         reselect = self._due()
-        buckets = list({tuple(groups[n]): None for n in self.params if n not in self.frozen})
+        buckets = self._buckets(groups)
         if reselect and self.silo == "global":
             churn = self._global_batched([list(b) for b in buckets], optimizers)
         else:
@@ -800,7 +826,7 @@ class DST:
         if reselect and kernels.serves(cur, seed):  # selection and reset in one call: cur becomes the result
             ks = self._small_plan(names, starts, cur.device)[1]
             if names not in self._row_hints:
-                self._row_hints[names] = np.zeros(len(names), dtype=np.float64 if cur.dtype == torch.float64 else np.float32)
+                self._row_hints[names] = kernels.hints(len(names), cur.dtype)
             pos, seed_vals, differ = kernels.rows(cur, seed, ks.numpy(), self.distance, self._row_hints[names],
                                                   np.array(starts, dtype=np.int64))
             _copy_all(params, [cur[a:b].view(p.shape) for a, b, p in zip(starts, starts[1:], params)])
@@ -895,8 +921,7 @@ class DST:
         first = self.shards[name][1] // row_len if self.shards else 0  # a process holds whole rows
         hint = self._row_hints.get(name)
         if hint is None:
-            wide = np.float64 if p.dtype == torch.float64 else np.float32
-            hint = self._row_hints[name] = np.zeros(local, dtype=wide)
+            hint = self._row_hints[name] = kernels.hints(local, p.dtype)
         idx, seed_vals, self._nonseed[name] = kernels.rows(
             p.view(local, row_len), seed.view(local, row_len), self.alloc[name][first:first + local].numpy(),
             self.distance, hint)
@@ -1033,7 +1058,8 @@ class DST:
         self._counted = False
         for name, p in self.params.items():
             flat = p.detach().view(-1)
-            idx = kept.get(name, torch.empty(0, dtype=torch.long)).to(device=p.device, dtype=torch.long)
+            # contiguous: the kernels read the kept positions by address
+            idx = kept.get(name, torch.empty(0, dtype=torch.long)).to(device=p.device, dtype=torch.long).contiguous()
             vals = values.get(name, flat.new_empty(0)).to(p.device)
             if (len(vals) != len(idx) or vals.dtype != p.dtype or (len(idx) and (
                     int(idx.min()) < 0 or int(idx.max()) >= flat.numel() or not bool((idx[1:] > idx[:-1]).all())))):

@@ -387,8 +387,9 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
         SHARE_TAIL(LOAD, DIST, BITS)                                                         \
     }                                                                                        \
     /* from PARALLEL_MIN entries on, on several threads as cand_par_* (pos, val, seed: room   \
-     * n + 16 * dst_threads() + 16 there); past cap the whole tensor has been passed over,   \
-     * which sets more entries below lo to x0, as harmless as the ones before */             \
+     * n + 16 * dst_threads() + 16 there, of which each run writes at most cap + 17 from its  \
+     * start); past cap the runs have set more entries below lo to x0, as harmless as the     \
+     * ones before */                                                                        \
     int64_t dst_share_##SUF(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, D lo, \
                             int strict, int64_t *pos, D *val, uint##BITS##_t *seed, int64_t cap,  \
                             int64_t *differ) {                                               \
@@ -399,7 +400,7 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
         for (int t = 0; t < runs; t++) {                                                     \
             int64_t a = n / runs * t, b = t == runs - 1 ? n : n / runs * (t + 1), at = a + 16 * t; \
             cnt[t] = share_range_##SUF(x + a, x0 + a, b - a, kind, lo, strict, pos + at, val + at, \
-                                       seed + at, b - a, &dif[t]);                           \
+                                       seed + at, cap < b - a ? cap : b - a, &dif[t]);       \
         }                                                                                    \
         for (int t = 0; t < runs; t++) {                                                     \
             c += cnt[t];                                                                     \

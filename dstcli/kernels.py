@@ -191,6 +191,12 @@ def serves(*tensors: torch.Tensor) -> bool:
                                        for u in tensors) and lib() is not None)
 
 
+def hints(n: int, dtype: torch.dtype) -> np.ndarray:
+    """n rows' starting k-th largest distances for `rows` / `many` (zero: no hint yet), in the
+    width the kernels compute distances in for `dtype`."""
+    return np.zeros(n, dtype=_NP_WIDE.get(dtype, np.float32))
+
+
 def distance(x: torch.Tensor, x0: torch.Tensor, kind: str) -> torch.Tensor:
     """select.distance(x, x0, kind) in one pass (x and x0: `serves`)."""
     out = torch.empty(x.shape, dtype=_WIDE[x.dtype])
@@ -404,7 +410,10 @@ class Bucket:
                  rows: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None, pool: int | None = None):
         count = len(sizes)
         self.dtype, self.count, self.sizes, self.n = dtype, count, sizes, np.array(sizes, dtype=np.int64)
-        self.bufs: list[torch.Tensor] | None = None  # pool_many's output buffers, reused from call to call
+        # pool_many's output buffers, reused from call to call while the caller leaves them here
+        # (set None to free them), and the most bytes a call wrote into them: their touched pages
+        self.bufs: list[torch.Tensor] | None = None
+        self.touched = 0
         self._offsets: dict[int, np.ndarray] = {}
         self._scratch: tuple | None = None
         self.spec = np.zeros((count, 4), dtype=np.int64)
@@ -476,7 +485,7 @@ def _bucket_call(name: str, b: Bucket, x: list[torch.Tensor], x0: list[torch.Ten
     if bufs is None or len(bufs[0]) < off[-1] or [t.dtype for t in bufs] != outputs:
         bufs = [torch.empty(int(off[-1]), dtype=d) for d in outputs]
         if reuse:
-            b.bufs = bufs
+            b.bufs, b.touched = bufs, 0
     out = np.empty((T, width), dtype=np.int64)
     n_old = np.array([i.numel() for i in old_idx], dtype=np.int64)
     scratch = b.scratch(work if work is not None else {}, threads)
@@ -518,11 +527,21 @@ def pool_many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx:
     for float64 tensors), and per tensor (kept, differ): how many (-1: the sample misled,
     x[t]'s top-K untouched and x0[t] its seed: the caller takes the other path) and how many of
     those differ from the seed bit for bit. They come as buffers (positions, seed values,
-    distances) with each tensor's at its offset, for Pool.add: the bucket's own, written again
-    by its next call (Pool.pack copies what must last)."""
+    distances) with each tensor's at its offset, for Pool.add: `b.bufs`, allocated where None
+    and written again by its next call (Pool.pack copies what must last); `b.touched` is the most
+    bytes a call wrote into them since."""
     (pos, val, seed), off, out = _bucket_call("dst_pool_many", b, x, x0, old_idx, old_seed, kind, work, (),
                                               (0.0 if floor is None else floor, int(floor is not None), K),
                                               [torch.long, _WIDE[b.dtype], b.dtype], 2, reuse=True)
+    # entries written: a share's, else (the tensor's own top-K after a share past K, or the sample
+    # misled) up to K + 17 from each run's start
+    threads = _state["lib"].dst_threads()
+    runs = np.where(b.n >= PARALLEL_MIN, threads, 1)
+    kept = out[:, 0]
+    most = np.minimum(b.room + 16 * threads + 16, runs * (K + 17))
+    written = np.where((kept >= 0) & (kept < np.minimum(b.n, K)), kept + 16 * runs, most)
+    per = pos.element_size() + val.element_size() + seed.element_size()
+    b.touched = max(b.touched, int(written.sum()) * per)
     return [pos, seed, val], off[:-1], out
 
 

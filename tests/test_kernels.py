@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dstcli import kernels
+from dstcli import engine, kernels
 from dstcli.engine import DST
 from dstcli.dtypes import bits_view
 from dstcli.select import (DISTANCES, distance, kth_largest, rows_indices, sample_bracket, sparse_bracket, top_indices,
@@ -403,11 +403,14 @@ def test_share_is_candidates_then_reset(dtype, kind, case, strict, m):
         vals, seed_vals = kernels.reset(want_x, x0, pos)
         bits = BITS[x.element_size()]
         before = x.clone()
-        assert kernels.share(x, x0, kind, lo, strict, len(pos) - 1) is None  # one too many: x's top part stays
         below = distance(before, x0, kind) <= lo if strict else distance(before, x0, kind) < lo
-        assert torch.equal(x.view(bits)[~below], before.view(bits)[~below])
-        xb, b0 = x.view(bits)[below], x0.view(bits)[below]
-        assert bool(((xb == before.view(bits)[below]) | (xb == b0)).all()) and (not len(xb) or bool((xb == b0).any()))
+        # one too many, and a quarter (one thread's range alone passes it): x's top part stays
+        for cap in [len(pos) - 1] + ([len(pos) // 4] if len(pos) >= 4 else []):
+            x = before.clone()
+            assert kernels.share(x, x0, kind, lo, strict, cap) is None
+            assert torch.equal(x.view(bits)[~below], before.view(bits)[~below])
+            xb, b0 = x.view(bits)[below], x0.view(bits)[below]
+            assert bool(((xb == before.view(bits)[below]) | (xb == b0)).all()) and (not len(xb) or bool((xb == b0).any()))
         x = before
         got_pos, got_val, got_seed, differ = kernels.share(x, x0, kind, lo, strict, len(pos))
         assert torch.equal(got_pos, pos) and torch.equal(got_val, val)
@@ -594,7 +597,8 @@ def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind, s
                 params["w16"].grad[5] = float("nan")
             st = dst.step(opts)
             stats.append((st.nonseed, st.entered, st.left, dst.nonfinite()))
-        return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}, stats
+        held = [b.bufs is not None for b in dst._many_plans.values() if isinstance(b, kernels.Bucket) and b.touched]
+        return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}, stats, held
 
     calls = []
     for owner, name in ((kernels, "share"), (kernels, "cut_many"), (kernels, "pool_many"), (kernels.Pool, "kth"),
@@ -607,12 +611,16 @@ def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind, s
     with monkeypatch.context() as m:  # as where the sample misleads: select.kth_largest ranks the pool
         m.setattr(kernels.Pool, "kth", lambda *a, **k: None)
         unsampled = run()
+    with monkeypatch.context() as m:  # no bucket keeps its output buffers between steps
+        m.setattr(engine, "POOL_REUSE", 0)
+        fresh = run()
+    assert fused[3] and all(fused[3]) and not any(fresh[3])
     calls.clear()
     single = run(many=False)
     assert "pool_many" not in calls and {"share", "cut_many"} <= set(calls)
     monkeypatch.setitem(kernels._state, "lib", None)  # as without a compiler
     plain = run()
-    for other in (one_thread, unsampled, single, plain):
+    for other in (one_thread, unsampled, fresh, single, plain):
         for a, b in zip(fused[:2], other[:2]):
             assert a.keys() == b.keys() and all(torch.equal(bits_view(a[n]), bits_view(b[n])) for n in a)
         assert fused[2] == other[2]
