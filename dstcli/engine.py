@@ -66,12 +66,12 @@ BUCKET_MIN = 1 << 20
 # On the CPU the global silo runs batched when tensors average fewer entries than this: the
 # bundled model (26K a tensor) gains 4-11 points of step time, a 25M GPT (250K) loses 10-70%.
 SMALL_TENSOR = 1 << 16
-# The global silo's kernel path keeps each bucket's output buffers between steps while the pages
-# written into them add up to at most this many bytes: reuse saves faulting fresh pages in (~1 ms
-# a step on the bundled model, all of whose buffers fit; 25M model at 1e-2 about 12 ms where
-# only 32 MB were kept), but kept without a cap they held up to ~16 bytes a parameter through
-# forward and backward (25M model at epsilon 1e-1: peak 1,357-1,371 MB against 1,236-1,260 with
-# the cap, for 15-25 ms more a step).
+# The global silo's kernel path keeps each bucket's output buffers between steps while they add
+# up to at most this many bytes: reuse saves faulting fresh pages in (~1 ms a step on the bundled
+# model, all of whose buffers fit in 22 MB), but kept without a cap they held up to ~16 bytes a
+# parameter through forward and backward, and the heap pages under them with it, written or not
+# (25M model, peak RSS at epsilon 1e-3 / 1e-1: 1,215-1,230 / 1,357-1,371 MB uncapped, 1,031-1,043
+# / 1,256-1,264 MB so, full fine-tuning's 941-987; 1e-1 pays 15-25 ms a step of page faults).
 POOL_REUSE = 48 << 20
 # ... and cuts its pool to the top-K once it holds more than POOL_CUT * K entries
 POOL_CUT = 4
@@ -446,11 +446,11 @@ class DST:
 
     def _keep_pool_buffers(self) -> None:
         """Keep this step's pool_many output buffers for the next step (no fresh pages to fault in)
-        while the pages written into them add up to at most POOL_REUSE bytes; free the others."""
+        while they add up to at most POOL_REUSE bytes; free the others."""
         held = 0
         for b in dict.fromkeys(self._pool_used):
-            if held + b.touched <= POOL_REUSE:
-                held += b.touched
+            if held + b.nbytes <= POOL_REUSE:
+                held += b.nbytes
             else:
                 b.bufs = None
         self._pool_used.clear()

@@ -386,19 +386,24 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
         FAST                                                                                 \
         SHARE_TAIL(LOAD, DIST, BITS)                                                         \
     }                                                                                        \
-    /* from PARALLEL_MIN entries on, on several threads as cand_par_* (pos, val, seed: room   \
-     * n + 16 * dst_threads() + 16 there, of which each run writes at most cap + 17 from its  \
-     * start); past cap the runs have set more entries below lo to x0, as harmless as the     \
-     * ones before */                                                                        \
+    /* from PARALLEL_MIN entries on, on several threads as cand_par_*, each run of the tensor \
+     * collecting at most min(cap, its length) + 1 from its own start in pos, val and seed    \
+     * (room: min(n, dst_threads() * cap) + 16 * dst_threads() + 16 there); past cap the runs \
+     * have set more entries below lo to x0, as harmless as the ones before */               \
     int64_t dst_share_##SUF(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, D lo, \
                             int strict, int64_t *pos, D *val, uint##BITS##_t *seed, int64_t cap,  \
                             int64_t *differ) {                                               \
         int runs = threads_for(n, n >> 16);                                                  \
         if (runs == 1) return share_range_##SUF(x, x0, n, kind, lo, strict, pos, val, seed, cap, differ); \
-        int64_t cnt[MAX_THREADS], dif[MAX_THREADS], c = 0, diff = 0;                         \
+        int64_t cnt[MAX_THREADS], dif[MAX_THREADS], start[MAX_THREADS + 1], c = 0, diff = 0; \
+        start[0] = 0;                                                                        \
+        for (int t = 0; t < runs; t++) {                                                     \
+            int64_t len = (t == runs - 1 ? n : n / runs * (t + 1)) - n / runs * t;           \
+            start[t + 1] = start[t] + (cap < len ? cap : len) + 16;                          \
+        }                                                                                    \
         PARALLEL_FOR                                                                         \
         for (int t = 0; t < runs; t++) {                                                     \
-            int64_t a = n / runs * t, b = t == runs - 1 ? n : n / runs * (t + 1), at = a + 16 * t; \
+            int64_t a = n / runs * t, b = t == runs - 1 ? n : n / runs * (t + 1), at = start[t]; \
             cnt[t] = share_range_##SUF(x + a, x0 + a, b - a, kind, lo, strict, pos + at, val + at, \
                                        seed + at, cap < b - a ? cap : b - a, &dif[t]);       \
         }                                                                                    \
@@ -409,7 +414,7 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
         if (c > cap) return cap + 1;                                                         \
         c = 0;                                                                               \
         for (int t = 0; t < runs; t++) { /* c <= the run's start: moving forward is safe */  \
-            int64_t a = n / runs * t, from = a + 16 * t;                                     \
+            int64_t a = n / runs * t, from = start[t];                                       \
             for (int64_t j = 0; j < cnt[t]; j++) {                                           \
                 pos[c + j] = pos[from + j] + a;                                              \
                 val[c + j] = val[from + j];                                                  \
@@ -1156,8 +1161,8 @@ MANY(f64, double, double, 64)
  * 0, where K >= n[t]), if at most K (dst_share_*), else the tensor's own top-K (dst_top_* where
  * spec[4t] > 0, as dst_many_*; else dst_rows_* over one row); the rest of x[t] goes back to the
  * seed. Tensor t's kept positions, seed values and distances are written from off[t] on
- * (ascending; room: n[t] + 16 * dst_threads() + 16 from PARALLEL_MIN entries on, else min(n[t],
- * K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many (-1: dst_top_*'s sample misled, x[t]
+ * (ascending; room: min(n[t], dst_threads() * K) + 16 * dst_threads() + 16 from PARALLEL_MIN
+ * entries on, else min(n[t], K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many (-1: dst_top_*'s sample misled, x[t]
  * as the share left it - its top-K untouched - and x0[t] the seed), how many differ from the
  * seed. Tensors under PARALLEL_MIN entries a thread each, as dst_many_* (scratch: sets of 6
  * pointers, the map unused). Returns 0, -1 where memory ran out. */

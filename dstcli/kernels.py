@@ -294,9 +294,8 @@ def share(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float, strict: bool,
     `serves`, flat."""
     cap = max(0, min(int(cap), x.numel()))
     threads = _state["lib"].dst_threads()
-    # with threads, each collects its range's candidates at the range's start: the pages touched
-    # are about those the candidates fill (twice, at most, once moved together); the rest are not
-    room = x.numel() + 16 * threads + 16 if threads > 1 else cap + 16
+    # with threads, each collects at most min(cap, its range) + 1 candidates in a room of its own
+    room = min(x.numel(), threads * cap) + 16 * threads + 16 if threads > 1 else cap + 16
     pos = torch.empty(room, dtype=torch.long)
     val = torch.empty(room, dtype=_WIDE[x.dtype])
     seed = torch.empty(room, dtype=x.dtype)
@@ -410,10 +409,11 @@ class Bucket:
                  rows: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None, pool: int | None = None):
         count = len(sizes)
         self.dtype, self.count, self.sizes, self.n = dtype, count, sizes, np.array(sizes, dtype=np.int64)
+        self.pool = pool
         # pool_many's output buffers, reused from call to call while the caller leaves them here
-        # (set None to free them), and the most bytes a call wrote into them: their touched pages
+        # (set None to free them), and their size in bytes
         self.bufs: list[torch.Tensor] | None = None
-        self.touched = 0
+        self.nbytes = 0
         self._offsets: dict[int, np.ndarray] = {}
         self._scratch: tuple | None = None
         self.spec = np.zeros((count, 4), dtype=np.int64)
@@ -431,8 +431,8 @@ class Bucket:
                 self.top = max(self.top, ns)
                 if n < PARALLEL_MIN:
                     self.top_small = max(self.top_small, ns)
-            if pool is not None:  # dst_share_* on threads collects over the whole tensor
-                self.room[t] = n if n >= PARALLEL_MIN else min(n, pool)
+            if pool is not None:  # dst_share_* on threads: up to min(n, K) a thread (see offsets)
+                self.room[t] = min(n, pool)
             elif top[t] is not None:
                 self.room[t], self.slack[t] = top[t][0] + 16, 0
             else:
@@ -445,8 +445,11 @@ class Bucket:
     def offsets(self, threads: int) -> np.ndarray:
         """Where each tensor's output starts (and the total at the end) for a call on `threads`."""
         if threads not in self._offsets:
+            room = self.room
+            if self.pool is not None:  # a thread's share of a tensor from PARALLEL_MIN entries on
+                room = np.where(self.n >= PARALLEL_MIN, np.minimum(self.n, threads * self.pool), room)
             self._offsets[threads] = np.concatenate(
-                [[0], np.cumsum(self.room + self.slack * (16 * threads + 16))]).astype(np.int64)
+                [[0], np.cumsum(room + self.slack * (16 * threads + 16))]).astype(np.int64)
         return self._offsets[threads]
 
     def scratch(self, work: dict, threads: int):
@@ -485,7 +488,7 @@ def _bucket_call(name: str, b: Bucket, x: list[torch.Tensor], x0: list[torch.Ten
     if bufs is None or len(bufs[0]) < off[-1] or [t.dtype for t in bufs] != outputs:
         bufs = [torch.empty(int(off[-1]), dtype=d) for d in outputs]
         if reuse:
-            b.bufs, b.touched = bufs, 0
+            b.bufs = bufs
     out = np.empty((T, width), dtype=np.int64)
     n_old = np.array([i.numel() for i in old_idx], dtype=np.int64)
     scratch = b.scratch(work if work is not None else {}, threads)
@@ -527,21 +530,12 @@ def pool_many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx:
     for float64 tensors), and per tensor (kept, differ): how many (-1: the sample misled,
     x[t]'s top-K untouched and x0[t] its seed: the caller takes the other path) and how many of
     those differ from the seed bit for bit. They come as buffers (positions, seed values,
-    distances) with each tensor's at its offset, for Pool.add: `b.bufs`, allocated where None
-    and written again by its next call (Pool.pack copies what must last); `b.touched` is the most
-    bytes a call wrote into them since."""
+    distances) with each tensor's at its offset, for Pool.add: `b.bufs` (`b.nbytes` in all),
+    allocated where None and written again by its next call (Pool.pack copies what must last)."""
     (pos, val, seed), off, out = _bucket_call("dst_pool_many", b, x, x0, old_idx, old_seed, kind, work, (),
                                               (0.0 if floor is None else floor, int(floor is not None), K),
                                               [torch.long, _WIDE[b.dtype], b.dtype], 2, reuse=True)
-    # entries written: a share's, else (the tensor's own top-K after a share past K, or the sample
-    # misled) up to K + 17 from each run's start
-    threads = _state["lib"].dst_threads()
-    runs = np.where(b.n >= PARALLEL_MIN, threads, 1)
-    kept = out[:, 0]
-    most = np.minimum(b.room + 16 * threads + 16, runs * (K + 17))
-    written = np.where((kept >= 0) & (kept < np.minimum(b.n, K)), kept + 16 * runs, most)
-    per = pos.element_size() + val.element_size() + seed.element_size()
-    b.touched = max(b.touched, int(written.sum()) * per)
+    b.nbytes = len(pos) * (pos.element_size() + val.element_size() + seed.element_size())
     return [pos, seed, val], off[:-1], out
 
 

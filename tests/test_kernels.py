@@ -597,7 +597,7 @@ def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind, s
                 params["w16"].grad[5] = float("nan")
             st = dst.step(opts)
             stats.append((st.nonseed, st.entered, st.left, dst.nonfinite()))
-        held = [b.bufs is not None for b in dst._many_plans.values() if isinstance(b, kernels.Bucket) and b.touched]
+        held = [b.bufs is not None for b in dst._many_plans.values() if isinstance(b, kernels.Bucket) and b.nbytes]
         return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}, stats, held
 
     calls = []
@@ -625,6 +625,36 @@ def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind, s
             assert a.keys() == b.keys() and all(torch.equal(bits_view(a[n]), bits_view(b[n])) for n in a)
         assert fused[2] == other[2]
     assert any(s[1] for s in fused[2][1:]) and any(s[3] for s in fused[2])
+
+
+@pytest.mark.parametrize("floor", [None, "low", "high"])
+def test_pool_many_writes_within_each_tensors_room(floor):
+    """kernels.pool_many's shares fit the rooms Bucket.offsets gives them, min(n, threads * K)
+    for a tensor of PARALLEL_MIN entries or more (a thread's share of it stops at K): nothing is
+    written past the last tensor's room, whether the share holds (a high floor), passes K and
+    falls back to the tensor's top-K (a low one), or no floor sends it to its top-K at once; each
+    tensor keeps what it should."""
+    g = torch.Generator().manual_seed(3)
+    sizes, K, guard = [300_001, 5_000, 300_001], 20_000, 4096
+    x0s = [torch.randn(n, generator=g) for n in sizes]
+    xs = [a + torch.randn(n, generator=g) * 1e-3 for a, n in zip(x0s, sizes)]
+    d = [distance(x, x0, "absolute") for x, x0 in zip(xs, x0s)]
+    lo = {None: None, "low": 1e-9, "high": float(torch.quantile(d[0][:100_000], 0.99))}[floor]
+    top = [(K, *sparse_bracket(n, K)) if K < n else None for n in sizes]
+    for t in threads():
+        b = kernels.Bucket(torch.float32, sizes, top, pool=K)
+        off = b.offsets(kernels._state["lib"].dst_threads())
+        assert off[1] < sizes[0] or t == 1  # the room is a thread's K each, not the whole tensor
+        b.bufs = [torch.full((int(off[-1]) + guard,), -7, dtype=dt) for dt in (torch.long, torch.float32, torch.float32)]
+        x = [v.clone() for v in xs]
+        none = torch.empty(0, dtype=torch.long)
+        _, _, out = kernels.pool_many(b, x, [v.clone() for v in x0s], [none] * 3, [torch.empty(0)] * 3, "absolute",
+                                      lo, K, {})
+        assert all(bool((buf[int(off[-1]):] == -7).all()) for buf in b.bufs)
+        for i, n in enumerate(sizes):
+            above = int((d[i] > (lo or 0)).sum())
+            assert out[i, 0] == (above if above <= K or lo is None and n <= K else K)
+            assert out[i, 0] <= off[i + 1] - off[i]
 
 
 @pytest.mark.parametrize("silo", ["tensor", "global", "row"])
