@@ -351,7 +351,7 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
  * x0 to float32, RESET sets x to x0 outside the mask m, SEED packs x0's kept values (b) at slot c */
 #define SHARE16(LOAD16, RESET, SEED)                                                         \
     const __m512 vlo = _mm512_set1_ps(lo);                                                   \
-    for (; i + 16 <= n && c + 16 <= cap; i += 16) {                                          \
+    for (; i + 16 <= n && c <= cap; i += 16) { /* 16 stored at c <= cap: within cap + 16 */ \
         __m512 a = LOAD16(x + i), b = LOAD16(x0 + i);                                        \
         __m512 d = dist_v16(a, b, kind);                                                     \
         __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ); \
@@ -384,6 +384,7 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
                                      int64_t cap, int64_t *differ) {                         \
         int64_t c = 0, i = 0, diff = 0;                                                      \
         FAST                                                                                 \
+        if (c > cap) return cap + 1;                                                         \
         SHARE_TAIL(LOAD, DIST, BITS)                                                         \
     }                                                                                        \
     /* from PARALLEL_MIN entries on, on several threads as cand_par_*, each run of the tensor \
