@@ -270,7 +270,6 @@ class DST:
         # step a bucket, then project all its tensors in one kernel call (kernels.many)
         self._many = not self.batched and self.seed is None and gather is None and bucket_kernels
         self._many_plans: dict[tuple, kernels.Bucket | list[int]] = {}
-        self._pool_used: list[kernels.Bucket] = []  # the kernels.Buckets pool_many ran on in this step
         self._counted = False  # whether the last step counted the non-finite kept entries
         # first name -> (names, kept objects, positions in each tensor, seed values, kept per tensor)
         self._bucket_kept: dict[str, tuple] = {}
@@ -385,7 +384,7 @@ class DST:
         self._counted = True
         both = new = old = 0
         for names in self._buckets(groups):
-            b = self._many_plans.get(names) or self._many_plan(names)
+            b = self._many_plan(names)
             params, views = self._snapshot_step(b, names, optimizers[names[0]])
             before = [self.kept[n] for n in names]
             pos, seed_vals, out = kernels.many(b, params, views, [k.idx for k in before],
@@ -424,7 +423,7 @@ class DST:
         pool = kernels.Pool(next(iter(self.params.values())).dtype)
         floor = None
         for names in self._buckets(groups):
-            b = self._many_plans.get(names) or self._many_plan(names)
+            b = self._many_plan(names)
             params, views = self._snapshot_step(b, names, optimizers[names[0]])
             at, ends = 0, self._pool_chunks(names, K)
             while at < len(names):  # before the first cut, chunks of at most 4K candidates (after it, few)
@@ -445,22 +444,22 @@ class DST:
         return StepStats(self.step_count, self.nonseed(), new - both, old - both, True)
 
     def _keep_pool_buffers(self) -> None:
-        """Keep this step's pool_many output buffers for the next step (no fresh pages to fault in)
-        while they add up to at most POOL_REUSE bytes; free the others."""
+        """Keep the buckets' pool_many output buffers for the next step (no fresh pages to fault
+        in) while they add up to at most POOL_REUSE bytes, in plan order; free the others."""
         held = 0
-        for b in dict.fromkeys(self._pool_used):
-            if held + b.nbytes <= POOL_REUSE:
-                held += b.nbytes
-            else:
-                b.bufs = None
-        self._pool_used.clear()
+        for b in self._many_plans.values():
+            if isinstance(b, kernels.Bucket) and b.bufs is not None:
+                size = sum(t.nbytes for t in b.bufs)
+                if held + size <= POOL_REUSE:
+                    held += size
+                else:
+                    b.bufs = None
 
     def _pool_share(self, pool: kernels.Pool, names: tuple[str, ...], params: list[torch.Tensor],
                     views: list[torch.Tensor], before: dict[str, torch.Tensor], floor: float | None, K: int) -> None:
         """Add consecutive tensors' shares to a kernels.Pool in one call (kernels.pool_many;
         `views`: their snapshots), a tensor whose sample misled through _global_share."""
-        b = self._many_plans.get(names) or self._many_plan(names)
-        self._pool_used.append(b)
+        b = self._many_plan(names)
         bufs, off, out = kernels.pool_many(b, params, views, [before[n] for n in names],
                                            [self.kept[n].seed_vals for n in names], self.distance, floor, K, self._work)
         at = 0
@@ -507,10 +506,13 @@ class DST:
         return params, views
 
     def _many_plan(self, names: tuple[str, ...]) -> kernels.Bucket:
-        """A bucket's kernels.Bucket: tensor silos of SAMPLED_MIN entries or more (with a budget
-        short of the whole tensor) through dst_top_*, row silos and the other tensor silos
-        through dst_rows_* (each row's last k-th largest distance kept in _row_hints); for the
-        global silo, dst_top_* for a tensor's own top-K where it takes it."""
+        """A bucket's kernels.Bucket (made once, then kept in _many_plans): tensor silos of
+        SAMPLED_MIN entries or more (with a budget short of the whole tensor) through dst_top_*,
+        row silos and the other tensor silos through dst_rows_* (each row's last k-th largest
+        distance kept in _row_hints); for the global silo, dst_top_* for a tensor's own top-K
+        where it takes it."""
+        if names in self._many_plans:
+            return self._many_plans[names]
         sizes = [self.params[n].numel() for n in names]
         if self.silo == "global":
             K = self.alloc

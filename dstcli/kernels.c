@@ -1165,8 +1165,8 @@ MANY(f64, double, double, 64)
  * (ascending; room: min(n[t], dst_threads() * K) + 16 * dst_threads() + 16 from PARALLEL_MIN
  * entries on, else min(n[t], K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many (-1:
  * dst_top_*'s sample misled, x[t] as the share left it - its top-K untouched - and x0[t] the
- * seed), how many differ from the seed. Tensors under PARALLEL_MIN entries a thread each, as dst_many_* (scratch: sets of 6
- * pointers, the map unused). Returns 0, -1 where memory ran out. */
+ * seed), how many differ from the seed. Tensors under PARALLEL_MIN entries a thread each, as
+ * dst_many_* (scratch: sets of 6 pointers, the map unused). Returns 0, -1 where memory ran out. */
 #define POOL_MANY(SUF, T, D, BITS, LOAD, DIST)                                               \
     static int pool_one_##SUF(int64_t t, void **sc, T **x, T **x0, const int64_t *n, const int64_t *spec, \
                               const int64_t **old_idx, const uint##BITS##_t **old_seed,     \

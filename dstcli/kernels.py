@@ -411,9 +411,8 @@ class Bucket:
         self.dtype, self.count, self.sizes, self.n = dtype, count, sizes, np.array(sizes, dtype=np.int64)
         self.pool = pool
         # pool_many's output buffers, reused from call to call while the caller leaves them here
-        # (set None to free them), and their size in bytes
+        # (set None to free them)
         self.bufs: list[torch.Tensor] | None = None
-        self.nbytes = 0
         self._offsets: dict[int, np.ndarray] = {}
         self._scratch: tuple | None = None
         self.spec = np.zeros((count, 4), dtype=np.int64)
@@ -530,12 +529,11 @@ def pool_many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx:
     for float64 tensors), and per tensor (kept, differ): how many (-1: the sample misled,
     x[t]'s top-K untouched and x0[t] its seed: the caller takes the other path) and how many of
     those differ from the seed bit for bit. They come as buffers (positions, seed values,
-    distances) with each tensor's at its offset, for Pool.add: `b.bufs` (`b.nbytes` in all),
-    allocated where None and written again by its next call (Pool.pack copies what must last)."""
+    distances) with each tensor's at its offset, for Pool.add: `b.bufs`, allocated where None
+    and written again by its next call (Pool.pack copies what must last)."""
     (pos, val, seed), off, out = _bucket_call("dst_pool_many", b, x, x0, old_idx, old_seed, kind, work, (),
                                               (0.0 if floor is None else floor, int(floor is not None), K),
                                               [torch.long, _WIDE[b.dtype], b.dtype], 2, reuse=True)
-    b.nbytes = len(pos) * (pos.element_size() + val.element_size() + seed.element_size())
     return [pos, seed, val], off[:-1], out
 
 

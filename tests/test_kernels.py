@@ -581,6 +581,7 @@ def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind, s
     tensors: 19 (all of them, at epsilon 0.05) makes a bucket whose shares go in three calls (two
     runs of at most 4K candidates, the first cut, the rest at once above its floor)."""
     def run(many=True):
+        ran.clear()
         g = torch.Generator().manual_seed(1)
         shapes = [(120, 100)] * 16 + [(100_000,), (7,), (300, 30)]
         params = {f"w{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for i, s in enumerate(shapes)}
@@ -599,14 +600,21 @@ def test_the_global_pool_is_the_same_without_kernels(monkeypatch, dtype, kind, s
                 params["w16"].grad[5] = float("nan")
             st = dst.step(opts)
             stats.append((st.nonseed, st.entered, st.left, dst.nonfinite()))
-        held = [b.bufs is not None for b in dst._many_plans.values() if isinstance(b, kernels.Bucket) and b.nbytes]
+        held = [b.bufs is not None for b in dict.fromkeys(ran)]  # each bucket pool_many ran on: buffers kept?
         return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}, stats, held
 
-    calls = []
+    calls, ran = [], []  # the kernel calls made, and the kernels.Buckets pool_many ran on in this run
+
+    def record(name, real):
+        def call(*a, **k):
+            calls.append(name)
+            if name == "pool_many":
+                ran.append(a[0])
+            return real(*a, **k)
+        return call
     for owner, name in ((kernels, "share"), (kernels, "cut_many"), (kernels, "pool_many"), (kernels.Pool, "kth"),
                         (kernels.Pool, "cut")):
-        real = getattr(owner, name)
-        monkeypatch.setattr(owner, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+        monkeypatch.setattr(owner, name, record(name, getattr(owner, name)))
     fused, one_thread = [run() for _ in threads()]
     assert {"pool_many", "kth", "cut"} <= set(calls)  # the pool ran on the kernels
     assert shared < 19 or calls[:5] == ["pool_many", "pool_many", "kth", "cut", "pool_many"]
