@@ -293,9 +293,7 @@ def share(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float, strict: bool,
     (which leaves x's top-`cap` alone whenever more than `cap` are at or above lo). x and x0:
     `serves`, flat."""
     cap = max(0, min(int(cap), x.numel()))
-    threads = _state["lib"].dst_threads()
-    # with threads, each collects at most min(cap, its range) + 1 candidates in a room of its own
-    room = min(x.numel(), threads * cap) + 16 * threads + 16 if threads > 1 else cap + 16
+    room = int(share_room(x.numel(), cap, _state["lib"].dst_threads()))
     pos = torch.empty(room, dtype=torch.long)
     val = torch.empty(room, dtype=_WIDE[x.dtype])
     seed = torch.empty(room, dtype=x.dtype)
@@ -306,6 +304,14 @@ def share(x: torch.Tensor, x0: torch.Tensor, kind: str, lo: float, strict: bool,
     if c > cap:
         return None
     return pos[:c], val[:c], seed[:c], differ.value
+
+
+def share_room(n, cap, threads: int):
+    """The room dst_share_* writes into (positions, distances, seed values) over n entries with at
+    most `cap` kept (NumPy arrays or ints): from PARALLEL_MIN entries on each of up to `threads`
+    runs collects min(cap, its length) + 1 from its own start, so min(n, threads * cap), else
+    min(n, cap); plus 16 a run and 16 (16-wide stores)."""
+    return np.where(np.asarray(n) >= PARALLEL_MIN, np.minimum(n, threads * cap), np.minimum(n, cap)) + 16 * threads + 16
 
 
 def kth(values: np.ndarray, j: int, rounds: int = 64) -> tuple[float, int]:
@@ -430,9 +436,9 @@ class Bucket:
                 self.top = max(self.top, ns)
                 if n < PARALLEL_MIN:
                     self.top_small = max(self.top_small, ns)
-            if pool is not None:  # dst_share_* on threads: up to min(n, K) a thread (see offsets)
-                self.room[t] = min(n, pool)
-            elif top[t] is not None:
+            if pool is not None:  # the room: share_room (see offsets)
+                continue
+            if top[t] is not None:
                 self.room[t], self.slack[t] = top[t][0] + 16, 0
             else:
                 starts, k, hint = rows[t]
@@ -444,11 +450,9 @@ class Bucket:
     def offsets(self, threads: int) -> np.ndarray:
         """Where each tensor's output starts (and the total at the end) for a call on `threads`."""
         if threads not in self._offsets:
-            room = self.room
-            if self.pool is not None:  # a thread's share of a tensor from PARALLEL_MIN entries on
-                room = np.where(self.n >= PARALLEL_MIN, np.minimum(self.n, threads * self.pool), room)
-            self._offsets[threads] = np.concatenate(
-                [[0], np.cumsum(room + self.slack * (16 * threads + 16))]).astype(np.int64)
+            room = (share_room(self.n, self.pool, threads) if self.pool is not None
+                    else self.room + self.slack * (16 * threads + 16))
+            self._offsets[threads] = np.concatenate([[0], np.cumsum(room)]).astype(np.int64)
         return self._offsets[threads]
 
     def scratch(self, work: dict, threads: int):
