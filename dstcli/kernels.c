@@ -19,9 +19,9 @@
  *                 (positions, distances, x0's values there) kept, every other entry of x set to
  *                 x0; counts the candidates whose bits differ from x0's
  *   dst_kth_*     the j-th smallest of an array of distances (a quickselect)
- *   dst_top_*     a tensor silo's whole projection: the sample, the bracket, the candidates, the
- *                 k-th largest and the tie rule as select.top_positions, then the reset as
- *                 dst_reset_*, counting the kept values that differ from x0
+ *   dst_top_*     a tensor silo's whole projection: the sample, the bracket, the k-th largest
+ *                 and the tie rule as select.top_positions, then x set to x0 outside the kept
+ *                 positions as dst_reset_* does it, counting the kept values that differ from x0
  *   dst_cut_*     a global silo's pool cut, one tensor's share at a time: of its candidates the
  *                 ones above tau stay, then ties at tau while the shared `need` lasts (the pool is
  *                 cut in position order), never a distance <= 0; the others go back to their
@@ -731,99 +731,197 @@ ROWS_ABOVE(f64, double, )
 KTH(f32, float, FAST_COUNT_F32, FAST_APART_F32)
 KTH(f64, double, , )
 
-/* dst_cand_* and dst_reset_* on several threads (from PARALLEL_MIN entries on, runs of at least
- * 65,536): each run collects its own range's candidates at its start + 16 per run before it (pos
- * and val: room n + 16 * dst_threads() + 16), then they move together in order; each run resets
- * its range and the kept positions in it (idx ascending). The same output as one thread. */
-static int64_t lower_bound(const int64_t *idx, int64_t k, int64_t v) {
-    int64_t lo = 0, hi = k;
-    while (lo < hi) {
-        int64_t mid = lo + (hi - lo) / 2;
-        if (idx[mid] < v) lo = mid + 1; else hi = mid;
+/* dst_top_*'s two passes over a range of a tensor (n entries of it; x, x0 as bits, widened by
+ * LOAD, 16 at a time by LOAD16). The first counts the distances above hi (*above) and copies the
+ * ones in [lo, hi] (as dst_bracket_* takes them) to in, in order (room n + 16); returns how many.
+ * The second keeps, by the tie rule at tau (need: ties at tau it may still keep), the positions
+ * (first + i) and x0's values there (pos, seed: room for how many + 16), sets x to x0 elsewhere
+ * (bits moved) and counts the kept values that differ from x0 (*differ); returns how many. */
+#define TOP_ONE(LOAD, DIST)                                                                  \
+    {                                                                                        \
+        U a = x[i], b = x0[i];                                                               \
+        DV w = DIST(LOAD(a), LOAD(b), kind);                                                 \
+        TIE_RULE(w)                                                                          \
+        pos[c] = first + i;                                                                  \
+        seed[c] = b;                                                                         \
+        x[i] = keep ? a : b;                                                                 \
+        diff += keep & (a != b);                                                             \
+        c += keep;                                                                           \
     }
-    return lo;
-}
 
-#define CAND_PAR(SUF, T, D)                                                                  \
-    static int64_t cand_par_##SUF(const T *x, const T *x0, int64_t n, int kind, D lo, int64_t *pos, D *val) { \
-        int runs = threads_for(n, n >> 16);                                                  \
-        if (runs == 1) return dst_cand_##SUF(x, x0, n, kind, lo, 0, pos, val, n);            \
-        int64_t cnt[MAX_THREADS], c = 0;                                                     \
-        PARALLEL_FOR                                                                         \
-        for (int t = 0; t < runs; t++) {                                                     \
-            int64_t a = n / runs * t, b = t == runs - 1 ? n : n / runs * (t + 1);            \
-            cnt[t] = dst_cand_##SUF(x + a, x0 + a, b - a, kind, lo, 0, pos + a + 16 * t,     \
-                                    val + a + 16 * t, b - a);                                \
+#ifdef __AVX512F__
+#define TOP_BRACKET16(LOAD16)                                                                \
+    for (; i + 16 <= n; i += 16) {                                                           \
+        __m512 v = dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind);                            \
+        __mmask16 up = _mm512_cmp_ps_mask(v, _mm512_set1_ps(hi), _CMP_GT_OQ);                \
+        __mmask16 inm = _mm512_cmp_ps_mask(v, _mm512_set1_ps(lo), _CMP_GE_OQ) & ~up;          \
+        _mm512_storeu_ps(in + m, _mm512_maskz_compress_ps(inm, v));                          \
+        m += __builtin_popcount(inm);                                                        \
+        a += __builtin_popcount(up);                                                         \
+    }
+/* the keep mask km's 16 entries at `at` (x) and `at0` (x0): x set to x0 outside it, the kept
+ * values that differ from x0 counted (diff), x0's kept values packed at seed + c (16 written) */
+#define KEEP_MOVE_32()                                                                       \
+    __m512i a = _mm512_loadu_si512((const void *)at), b = _mm512_loadu_si512((const void *)at0); \
+    _mm512_mask_storeu_epi32(at, (__mmask16)~km, b);                                         \
+    diff += __builtin_popcount(km & _mm512_cmpneq_epi32_mask(a, b));                         \
+    _mm512_storeu_si512((void *)(seed + c), _mm512_maskz_compress_epi32(km, b));
+/* the first `need` set bits of m (ties at tau kept in position order) */
+static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
+    __mmask16 out = 0;
+    for (; m && need > 0; need--) {
+        out |= m & (__mmask16)-m;
+        m &= m - 1;
+    }
+    return out;
+}
+/* entries i.. of x and x0 (U's; positions first + i; to `end`), 16 at once: their distances
+ * d16 (at i) kept above tau (and above 0), then ties at tau while `need` lasts, x set to x0
+ * elsewhere (MOVE: KEEP_MOVE_* for the keep mask km); the kept positions and x0's values
+ * there packed at pos + c and seed + c (16 slots written) */
+#define KEEP16(end, d16, x, x0, first, MOVE)                                                 \
+    const __m512 vt = _mm512_set1_ps(tau), zero = _mm512_setzero_ps();                       \
+    for (; i + 16 <= (end); i += 16) {                                                       \
+        __m512 d = d16;                                                                      \
+        __mmask16 above0 = _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ);                          \
+        __mmask16 km = _mm512_cmp_ps_mask(d, vt, _CMP_GT_OQ) & above0;                       \
+        if (need > 0) {                                                                      \
+            __mmask16 ties = first_bits(_mm512_cmp_ps_mask(d, vt, _CMP_EQ_OQ) & above0, need); \
+            km |= ties;                                                                      \
+            need -= __builtin_popcount(ties);                                                \
         }                                                                                    \
-        for (int t = 0; t < runs; t++) { /* c <= the run's start: moving forward is safe */  \
-            int64_t a = n / runs * t, from = a + 16 * t;                                     \
-            for (int64_t j = 0; j < cnt[t]; j++) {                                           \
-                pos[c + j] = pos[from + j] + a;                                              \
-                val[c + j] = val[from + j];                                                  \
-            }                                                                                \
-            c += cnt[t];                                                                     \
+        U *at = (x) + i;                                                                     \
+        const U *at0 = (x0) + i;                                                             \
+        if (!km) { /* none kept (most blocks at small budgets): x0's 16 back */              \
+            memcpy(at, at0, 16 * sizeof(U));                                                 \
+            continue;                                                                        \
         }                                                                                    \
+        MOVE()                                                                               \
+        store_run16(pos + c, (first) + i, km);                                               \
+        c += __builtin_popcount(km);                                                         \
+    }
+#define TOP_KEEP16(LOAD16, MOVE) KEEP16(n, dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind), x, x0, first, MOVE)
+#define TOP_BRACKET_F32 TOP_BRACKET16(LOAD16_U32)
+#define TOP_BRACKET_BF16 TOP_BRACKET16(load16_bf16)
+#define TOP_KEEP_F32 TOP_KEEP16(LOAD16_U32, KEEP_MOVE_32)
+#else
+#define TOP_BRACKET_F32
+#define TOP_BRACKET_BF16
+#define TOP_KEEP_F32
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KEEP_MOVE_16()                                                                       \
+    __m256i a = _mm256_loadu_si256((const __m256i *)at), b = _mm256_loadu_si256((const __m256i *)at0); \
+    _mm256_mask_storeu_epi16(at, (__mmask16)~km, b);                                         \
+    diff += __builtin_popcount(km & _mm256_cmpneq_epi16_mask(a, b));                         \
+    _mm256_storeu_si256((__m256i *)(seed + c),                                               \
+                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(km, _mm512_cvtepu16_epi32(b))));
+#define TOP_KEEP_BF16 TOP_KEEP16(load16_bf16, KEEP_MOVE_16)
+#else
+#define TOP_KEEP_BF16
+#endif
+
+#define TOP_PASSES(SUF, D, BITS, LOAD, DIST, FAST_BRACKET, FAST_KEEP)                      \
+    static int64_t top_bracket_##SUF(const uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, \
+                                     D lo, D hi, D *in, int64_t *above) {                    \
+        int64_t m = 0, a = 0, i = 0;                                                         \
+        FAST_BRACKET                                                                         \
+        for (; i < n; i++) {                                                                 \
+            D v = DIST(LOAD(x[i]), LOAD(x0[i]), kind);                                       \
+            in[m] = v;                                                                       \
+            m += (v >= lo) & !(v > hi);                                                      \
+            a += v > hi;                                                                     \
+        }                                                                                    \
+        *above = a;                                                                          \
+        return m;                                                                            \
+    }                                                                                        \
+    static int64_t top_keep_##SUF(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, D tau, \
+                                  int64_t need, int64_t first, int64_t *pos, uint##BITS##_t *seed, \
+                                  int64_t *differ) {                                         \
+        typedef uint##BITS##_t U;                                                            \
+        typedef D DV;                                                                        \
+        int64_t c = 0, diff = 0, i = 0;                                                      \
+        FAST_KEEP                                                                            \
+        for (; i < n; i++) TOP_ONE(LOAD, DIST)                                               \
+        *differ = diff;                                                                      \
         return c;                                                                            \
     }
 
-CAND_PAR(f32, float, float)
-CAND_PAR(bf16, uint16_t, float)
-CAND_PAR(f64, double, double)
-
-#define RESET_PAR(BITS)                                                                      \
-    static void reset_par_##BITS(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n,     \
-                                 const int64_t *idx, int64_t k, uint##BITS##_t *kx,          \
-                                 uint##BITS##_t *kx0) {                                      \
-        int runs = threads_for(n, n >> 16);                                                  \
-        PARALLEL_FOR                                                                         \
-        for (int t = 0; t < runs; t++) {                                                     \
-            int64_t a = n / runs * t, b = t == runs - 1 ? n : n / runs * (t + 1);            \
-            int64_t j0 = lower_bound(idx, k, a), j1 = lower_bound(idx, k, b);                \
-            for (int64_t j = j0; j < j1; j++) {                                              \
-                kx[j] = x[idx[j]];                                                           \
-                kx0[j] = x0[idx[j]];                                                         \
-            }                                                                                \
-            memcpy(x + a, x0 + a, (size_t)(b - a) * sizeof(*x));                             \
-            for (int64_t j = j0; j < j1; j++) x[idx[j]] = kx[j];                             \
-        }                                                                                    \
-    }
-
-RESET_PAR(16)
-RESET_PAR(32)
-RESET_PAR(64)
+TOP_PASSES(f32, float, 32, bits_f32, dist_f, TOP_BRACKET_F32, TOP_KEEP_F32)
+TOP_PASSES(bf16, float, 16, bf16_to_f32, dist_f, TOP_BRACKET_BF16, TOP_KEEP_BF16)
+TOP_PASSES(f64, double, 64, bits_f64, dist_d, , )
 
 /* dst_top_*: a tensor silo's whole projection in one call, as select.top_positions and
  * engine._reset_outside do it in several: the sample (every stride-th distance, into sbuf) gives
  * the bracket [lo, hi] (its j_lo-th and j_hi-th largest; no upper end where j_hi < 1; sbuf: room
- * for 2s + 64, s = ceil(n / stride)), one pass collects the candidates at or above lo (pos, val:
- * room for n + 16 * dst_threads() + 16), the ones inside the bracket (copied to inside: room for n + 32; tmp: room for
- * max(n, 2s) + 32) give the k-th largest, tau, the tie rule the kept positions
- * (kpos: room for k + 16; val then holds x's values there), and x goes back to x0 outside them (kx0: x0's values there; differ:
- * how many kept values differ from them bit for bit). Returns how many are kept, or -1 where the
- * sample misled (fewer than k at or above lo, or k or more above hi): x is untouched then. */
+ * for 2s + 64, s = ceil(n / stride)); one pass counts the distances above hi and copies the ones
+ * inside the bracket (to val: room for n + 16 * dst_threads() + 16), which give the k-th largest,
+ * tau (ranked in inside: room for n + 32; tmp: room for max(n, 2s) + 32); a second pass keeps the
+ * positions the tie rule keeps (kpos) with x0's values there (kx0; room for both: k + 16 *
+ * dst_threads() + 16), sets x back to x0 elsewhere and counts how many kept values differ from
+ * x0 bit for bit (differ). No candidate positions are written: at epsilon 1e-1 writing and
+ * re-reading them, then resetting the whole tensor and writing the kept values back, cost
+ * more than the second pass. From PARALLEL_MIN entries on both passes go in runs, one a thread,
+ * the second run's ties at tau budgeted in position order (as one pass would count them down)
+ * and each writing at its start plus 16 a run before it, then moved together: the same output
+ * as one thread. Returns how many are kept, or -1 where the sample misled (fewer than k at or
+ * above lo, or k or more above hi): x is untouched then. */
 #define TOP(SUF, T, D, BITS, DSUF)                                                           \
     int64_t dst_top_##SUF(T *x, const T *x0, int64_t n, int kind, int64_t k, int64_t stride,  \
-                          int64_t j_lo, int64_t j_hi, D *sbuf, int64_t *pos, D *val, D *inside, \
-                          D *tmp, int64_t *kpos, T *kx0, int64_t *differ) {                  \
+                          int64_t j_lo, int64_t j_hi, D *sbuf, D *val, D *inside, D *tmp,    \
+                          int64_t *kpos, T *kx0, int64_t *differ) {                          \
+        typedef uint##BITS##_t U;                                                            \
+        U *ux = (U *)x, *useed = (U *)kx0;                                                   \
+        const U *ux0 = (const U *)x0;                                                        \
         int64_t s = (n + stride - 1) / stride, above;                                        \
         dst_sample_##SUF(x, x0, n, stride, kind, sbuf);                                      \
         memcpy(sbuf + s + 32, sbuf, (size_t)s * sizeof(D));                                  \
         D lo = kth_##DSUF(sbuf, s, s - j_lo, tmp, &above), hi = INFINITY;                    \
         if (j_hi >= 1) hi = kth_##DSUF(sbuf + s + 32, s, s - j_hi, tmp, &above);             \
-        int64_t c = cand_par_##SUF(x, x0, n, kind, lo, pos, val);                            \
-        if (c < k) return -1;                                                                \
-        int64_t m = dst_split_##DSUF(val, c, hi, inside);                                    \
-        if (c - m >= k) return -1;                                                           \
-        D tau = kth_##DSUF(inside, m, m - (k - (c - m)), tmp, &above);                       \
-        int64_t need = k - (c - m) - above;                                                  \
-        int64_t kept = dst_keep_##DSUF(pos, val, c, tau, need, kpos, NULL);                  \
-        uint##BITS##_t *ux = (uint##BITS##_t *)x, *kx = (uint##BITS##_t *)val;               \
-        reset_par_##BITS(ux, (const uint##BITS##_t *)x0, n, kpos, kept, kx, (uint##BITS##_t *)kx0); \
-        int64_t diff = 0;                                                                    \
-        const uint##BITS##_t *ks = (const uint##BITS##_t *)kx0;                              \
-        for (int64_t i = 0; i < kept; i++) diff += kx[i] != ks[i];                           \
+        int runs = threads_for(n, n >> 16);                                                  \
+        int64_t cut[MAX_THREADS + 1], cnt[MAX_THREADS], up[MAX_THREADS], budget[MAX_THREADS], \
+            at[MAX_THREADS], kept[MAX_THREADS], dif[MAX_THREADS], m = 0, n_above = 0;        \
+        for (int t = 0; t <= runs; t++) cut[t] = t == runs ? n : n / runs * t;               \
+        PARALLEL_FOR                                                                         \
+        for (int t = 0; t < runs; t++)                                                       \
+            cnt[t] = top_bracket_##SUF(ux + cut[t], ux0 + cut[t], cut[t + 1] - cut[t], kind, lo, hi, \
+                                       val + cut[t] + 16 * t, &up[t]);                       \
+        for (int t = 0; t < runs; t++) {                                                     \
+            memcpy(inside + m, val + cut[t] + 16 * t, (size_t)cnt[t] * sizeof(D));           \
+            m += cnt[t];                                                                     \
+            n_above += up[t];                                                                \
+        }                                                                                    \
+        if (m + n_above < k || n_above >= k) return -1;                                      \
+        D tau = kth_##DSUF(inside, m, m - (k - n_above), tmp, &above);                       \
+        int64_t need = k - n_above - above;                                                  \
+        budget[0] = need;                                                                    \
+        at[0] = 0;                                                                           \
+        for (int64_t t = 0, left = need, from = 0; t < runs && runs > 1; t++) {              \
+            int64_t gt = 0, eq = 0; /* run t keeps up[t], its bracket's values above tau and \
+                                       its first ties while the ones before it left some */  \
+            const D *v = val + cut[t] + 16 * t;                                              \
+            for (int64_t j = 0; j < cnt[t]; j++) {                                           \
+                gt += v[j] > tau;                                                            \
+                eq += v[j] == tau;                                                           \
+            }                                                                                \
+            budget[t] = left < eq ? left : eq;                                               \
+            left -= budget[t];                                                               \
+            at[t] = from + 16 * t;                                                           \
+            from += up[t] + gt + (tau > 0 ? budget[t] : 0);                                  \
+        }                                                                                    \
+        PARALLEL_FOR                                                                         \
+        for (int t = 0; t < runs; t++)                                                       \
+            kept[t] = top_keep_##SUF(ux + cut[t], ux0 + cut[t], cut[t + 1] - cut[t], kind, tau, budget[t], \
+                                     cut[t], kpos + at[t], useed + at[t], &dif[t]);          \
+        int64_t c = 0, diff = 0;                                                             \
+        for (int t = 0; t < runs; t++) { /* c <= the run's start: moving forward is safe */  \
+            memmove(kpos + c, kpos + at[t], (size_t)kept[t] * sizeof(*kpos));                \
+            memmove(useed + c, useed + at[t], (size_t)kept[t] * sizeof(U));                  \
+            c += kept[t];                                                                    \
+            diff += dif[t];                                                                  \
+        }                                                                                    \
         *differ = diff;                                                                      \
-        return kept;                                                                         \
+        return c;                                                                            \
     }
 
 TOP(f32, float, float, 32, f32)
@@ -862,42 +960,15 @@ TOP(f64, double, double, 64, f64)
         _mm512_storeu_ps(cbuf + nc, _mm512_maskz_compress_ps(mk, d));                        \
         nc += __builtin_popcount(mk);                                                        \
     }
-/* 16 entries with no tie at tau at once (MOVE: x's and x0's bits for the keep mask km) */
-#define ROWS_KEEP16(U, MOVE)                                                                 \
-    for (; i + 16 <= m; i += 16) {                                                           \
-        __m512 d = _mm512_loadu_ps(dbuf + i);                                                \
-        if (_mm512_cmp_ps_mask(d, _mm512_set1_ps(tau), _CMP_EQ_OQ)) {                        \
-            for (int64_t e = i + 16; i < e; i++) ROW_ONE(U)                                  \
-            i -= 16;                                                                         \
-            continue;                                                                        \
-        }                                                                                    \
-        __mmask16 km = _mm512_cmp_ps_mask(d, _mm512_set1_ps(tau), _CMP_GT_OQ)                \
-                       & _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_GT_OQ);             \
-        U *at = xr + i;                                                                      \
-        const U *at0 = x0r + i;                                                              \
-        MOVE                                                                                 \
-        store_run16(pos + c, base + i, km);                                                  \
-        c += __builtin_popcount(km);                                                         \
-    }
-#define ROWS_MOVE_32                                                                         \
-    __m512i a = _mm512_loadu_si512((const void *)at), b = _mm512_loadu_si512((const void *)at0); \
-    _mm512_mask_storeu_epi32(at, (__mmask16)~km, b);                                         \
-    diff += __builtin_popcount(km & _mm512_cmpneq_epi32_mask(a, b));                         \
-    _mm512_storeu_si512((void *)(seed + c), _mm512_maskz_compress_epi32(km, b));
-#define ROWS_FAST_F32 ROWS_KEEP16(uint32_t, ROWS_MOVE_32)
+#define ROWS_KEEP16(MOVE) KEEP16(m, _mm512_loadu_ps(dbuf + i), xr, x0r, base, MOVE)
+#define ROWS_FAST_F32 ROWS_KEEP16(KEEP_MOVE_32)
 #define ROWS_GATHER_F32 ROWS_GATHER16(load16_f32)
 #else
 #define ROWS_FAST_F32
 #define ROWS_GATHER_F32
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define ROWS_MOVE_16                                                                         \
-    __m256i a = _mm256_loadu_si256((const __m256i *)at), b = _mm256_loadu_si256((const __m256i *)at0); \
-    _mm256_mask_storeu_epi16(at, (__mmask16)~km, b);                                         \
-    diff += __builtin_popcount(km & _mm256_cmpneq_epi16_mask(a, b));                         \
-    _mm256_storeu_si256((__m256i *)(seed + c),                                               \
-                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(km, _mm512_cvtepu16_epi32(b))));
-#define ROWS_FAST_BF16 ROWS_KEEP16(uint16_t, ROWS_MOVE_16)
+#define ROWS_FAST_BF16 ROWS_KEEP16(KEEP_MOVE_16)
 #define ROWS_GATHER_BF16 ROWS_GATHER16(load16_bf16)
 #else
 #define ROWS_FAST_BF16
@@ -1011,7 +1082,7 @@ ROWS(f64, double, double, 64)
  * on entry and on return), how many are NaN or infinite.
  * With OpenMP, tensors under PARALLEL_MIN entries (which use one thread each) go several at a
  * time, one a thread; the larger ones one after the other, each on all threads. Scratch: sets of
- * 6 pointers (dst_top_*'s sbuf, cpos, cval, inside, tmp, and the map), the first for the largest
+ * 5 pointers (dst_top_*'s sbuf, val, inside, tmp, and the map), the first for the largest
  * tensor, the other sets - 1 for the largest under PARALLEL_MIN. The kept positions of tensor t
  * stay at off[t]. Returns 0, -1 where memory ran out. */
 #define NONFINITE_32(u) (((u) & 0x7f800000u) == 0x7f800000u)
@@ -1099,7 +1170,7 @@ RESTORE(64)
 CHURN_MANY(16)
 CHURN_MANY(32)
 CHURN_MANY(64)
-/* ONE(t, scratch set, ...) for each of `count` tensors (n[t] entries; `sets` scratch sets of 6
+/* ONE(t, scratch set, ...) for each of `count` tensors (n[t] entries; `sets` scratch sets of 5
  * pointers): from PARALLEL_MIN entries on one after the other (each on all threads), the others
  * a thread each once they add up to MANY_PARALLEL_MIN; returns -1 where a call did, else 0 */
 #define FOR_TENSORS(ONE, ...)                                                                \
@@ -1117,7 +1188,7 @@ CHURN_MANY(64)
     int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, ns) : 1;                \
     if (runs > sets) runs = sets;                                                            \
     PARALLEL_FOR_DYNAMIC_SUM                                                                 \
-    for (int64_t i = 0; i < ns; i++) used += ONE(small[i], scratch + 6 * THREAD_NUM, __VA_ARGS__) != 0; \
+    for (int64_t i = 0; i < ns; i++) used += ONE(small[i], scratch + 5 * THREAD_NUM, __VA_ARGS__) != 0; \
     free(small);                                                                             \
     return used ? -1 : 0;
 #define MANY(SUF, T, D, BITS)                                                                \
@@ -1133,14 +1204,14 @@ CHURN_MANY(64)
         int64_t *o = out + 4 * t, *p = pos + off[t], differ = 0, kept;                       \
         if (sp[0] > 0)                                                                       \
             kept = dst_top_##SUF(x[t], x0[t], n[t], kind, sp[0], sp[1], sp[2], sp[3], (D *)sc[0], \
-                                 (int64_t *)sc[1], (D *)sc[2], (D *)sc[3], (D *)sc[4], p, seed + off[t], &differ); \
+                                 (D *)sc[1], (D *)sc[2], (D *)sc[3], p, seed + off[t], &differ); \
         else if ((kept = dst_rows_##SUF(x[t], x0[t], -sp[0], starts[t], rk[t], kind, hint[t], p, \
                                         (U *)(seed + off[t]), &differ)) < 0)                 \
             return -1;                                                                       \
         o[0] = kept;                                                                         \
         if (kept < 0) return 0;                                                              \
         o[1] = differ;                                                                       \
-        churn_##BITS(p, kept, oi, n_old[t], (const U *)x[t], n[t], (uint8_t *)sc[5], o + 2);  \
+        churn_##BITS(p, kept, oi, n_old[t], (const U *)x[t], n[t], (uint8_t *)sc[4], o + 2);  \
         return 0;                                                                            \
     }                                                                                        \
     int64_t dst_many_##SUF(int64_t count, T **x, T **x0, const int64_t *n, const int64_t *spec, \
@@ -1166,7 +1237,7 @@ MANY(f64, double, double, 64)
  * entries on, else min(n[t], K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many (-1:
  * dst_top_*'s sample misled, x[t] as the share left it - its top-K untouched - and x0[t] the
  * seed), how many differ from the seed. Tensors under PARALLEL_MIN entries a thread each, as
- * dst_many_* (scratch: sets of 6 pointers, the map unused). Returns 0, -1 where memory ran out. */
+ * dst_many_* (scratch: sets of 5 pointers, the map unused). Returns 0, -1 where memory ran out. */
 #define POOL_MANY(SUF, T, D, BITS, LOAD, DIST)                                               \
     static int pool_one_##SUF(int64_t t, void **sc, T **x, T **x0, const int64_t *n, const int64_t *spec, \
                               const int64_t **old_idx, const uint##BITS##_t **old_seed,     \
@@ -1190,7 +1261,7 @@ MANY(f64, double, double, 64)
         const int64_t *sp = spec + 4 * t;                                                    \
         if (sp[0] > 0) {                                                                     \
             kept = dst_top_##SUF(x[t], x0[t], m, kind, sp[0], sp[1], sp[2], sp[3], (D *)sc[0], \
-                                 (int64_t *)sc[1], (D *)sc[2], (D *)sc[3], (D *)sc[4], p, s, &differ); \
+                                 (D *)sc[1], (D *)sc[2], (D *)sc[3], p, s, &differ);         \
             if (kept < 0) {                                                                  \
                 o[0] = -1;                                                                   \
                 return 0;                                                                    \

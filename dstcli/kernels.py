@@ -153,7 +153,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = I, [P, P, I, P, P, C, P, P, P, P]
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_top_{suf}")
-        f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P, P]
+        f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P]
         f = getattr(lib, f"dst_many_{suf}")
         f.restype, f.argtypes = I, [I, P, P, P, P, P, P, P, P, P, P, C, P, C, P, P, P, P]
         f = getattr(lib, f"dst_pool_many_{suf}")
@@ -352,12 +352,13 @@ def top(x: torch.Tensor, x0: torch.Tensor, kind: str, k: int, stride: int, j_lo:
     the caller takes the other path). x and x0: `serves`, flat, 0 < k < x.numel(). `work`: a dict
     the caller keeps to reuse the scratch memory between calls (see _carve)."""
     n = x.numel()
-    sbuf, pos, val, inside, tmp = top_scratch(n, -(-n // stride), x.dtype, work)
-    kpos, kx0 = torch.empty(k + 16, dtype=torch.long), torch.empty(k + 16, dtype=x.dtype)
+    sbuf, val, inside, tmp = top_scratch(n, -(-n // stride), x.dtype, work)
+    room = k + 16 * _state["lib"].dst_threads() + 16  # each thread's run writes at its share + 16
+    kpos, kx0 = torch.empty(room, dtype=torch.long), torch.empty(room, dtype=x.dtype)
     differ = ctypes.c_int64(0)
     kept = getattr(_state["lib"], f"dst_top_{_SUFFIX[x.dtype]}")(
-        x.data_ptr(), x0.data_ptr(), n, KINDS[kind], k, stride, j_lo, j_hi, sbuf.ctypes.data, pos.ctypes.data,
-        val.ctypes.data, inside.ctypes.data, tmp.ctypes.data, kpos.data_ptr(), kx0.data_ptr(), ctypes.byref(differ))
+        x.data_ptr(), x0.data_ptr(), n, KINDS[kind], k, stride, j_lo, j_hi, sbuf.ctypes.data, val.ctypes.data,
+        inside.ctypes.data, tmp.ctypes.data, kpos.data_ptr(), kx0.data_ptr(), ctypes.byref(differ))
     if kept < 0:
         return None
     return kpos[:kept], kx0[:kept], differ.value
@@ -365,12 +366,11 @@ def top(x: torch.Tensor, x0: torch.Tensor, kind: str, k: int, stride: int, j_lo:
 
 def top_scratch(n: int, s: int, dtype: torch.dtype, work: dict | None) -> list[np.ndarray]:
     """dst_top_*'s scratch for tensors of up to n entries and samples of up to s values (the
-    sample twice, the candidates' positions and distances, the bracket's inside, the
-    quickselect's buffer), carved from `work` (see _carve)."""
+    sample twice, the distances inside the bracket as each thread's range collects them, the
+    same put together for ranking, the quickselect's buffer), carved from `work` (see _carve)."""
     wide = _NP_WIDE[dtype]
-    room = n + 16 * _state["lib"].dst_threads() + 16  # the candidates, collected by each thread's range
-    return _carve(work, [(2 * s + 64, wide), (room, np.int64), (room, wide), (n + 32, wide),
-                         (max(n, 2 * s) + 32, wide)])
+    room = n + 16 * _state["lib"].dst_threads() + 16
+    return _carve(work, [(2 * s + 64, wide), (room, wide), (n + 32, wide), (max(n, 2 * s) + 32, wide)])
 
 
 def rows(x: torch.Tensor, x0: torch.Tensor, k: np.ndarray, kind: str, hint: np.ndarray,
@@ -425,8 +425,8 @@ class Bucket:
         self.rows = rows  # kept alive: the pointers below point into them
         P = ctypes.c_void_p * count
         self.starts, self.k, self.hint = P(), P(), P()
-        # each tensor's room for its output: `room` entries, plus 16 per thread + 16 where `slack`
-        self.room, self.slack = np.zeros(count, dtype=np.int64), np.ones(count, dtype=np.int64)
+        # each tensor's room for its output: `room` entries, plus 16 per thread + 16 (see offsets)
+        self.room = np.zeros(count, dtype=np.int64)
         self.top, self.top_small = (0, 0), (0, 0)  # dst_top_*'s largest (n, s), and under PARALLEL_MIN
         self.small = max([n for n in sizes if n < PARALLEL_MIN], default=0)
         for t, n in enumerate(sizes):
@@ -439,7 +439,7 @@ class Bucket:
             if pool is not None:  # the room: share_room (see offsets)
                 continue
             if top[t] is not None:
-                self.room[t], self.slack[t] = top[t][0] + 16, 0
+                self.room[t] = top[t][0]
             else:
                 starts, k, hint = rows[t]
                 assert starts.dtype == k.dtype == np.int64 and hint.dtype == _NP_WIDE[dtype]
@@ -451,12 +451,12 @@ class Bucket:
         """Where each tensor's output starts (and the total at the end) for a call on `threads`."""
         if threads not in self._offsets:
             room = (share_room(self.n, self.pool, threads) if self.pool is not None
-                    else self.room + self.slack * (16 * threads + 16))
+                    else self.room + 16 * threads + 16)
             self._offsets[threads] = np.concatenate([[0], np.cumsum(room)]).astype(np.int64)
         return self._offsets[threads]
 
     def scratch(self, work: dict, threads: int):
-        """The scratch sets (dst_top_*'s five arrays, the churn's map) for a call on `threads`, as
+        """The scratch sets (dst_top_*'s four arrays, the churn's map) for a call on `threads`, as
         a ctypes array of addresses: the first for the largest tensor, the others for the largest
         under PARALLEL_MIN. Kept for the next call while `work` holds the same buffers (the cache
         holds them too, so that no other array can take their ids): carving them again cost

@@ -154,13 +154,15 @@ def test_rows_is_rows_indices_then_reset(R, m, dtype, kind, case, hints, seed, d
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["rand", "ties", "special"])
 def test_top_gives_the_same_on_any_number_of_threads(dtype, case):
-    """From 2^18 entries on dst_top_* collects the candidates and resets on several threads: the
-    same as top_indices + reset on 2 threads and on 1."""
+    """From 2^18 entries on dst_top_* makes both its passes on several threads (the second with
+    each run's ties at tau budgeted in position order; with "ties", k = 280,000 passes the entries
+    at distance 0, so no tie at tau is kept): the same as top_indices + reset on 2 threads and
+    on 1."""
     m = 300_001
     x, x0 = pair(m, dtype, case, 9)
     for kind in DISTANCES:
         d = distance(x, x0, kind)
-        for k in (3, 3000, 100_000):
+        for k in (3, 3000, 100_000, 280_000):
             want = top_indices(d, k)
             expect = x0.clone()
             expect[want] = x[want]
