@@ -573,8 +573,9 @@ class Pool:
     tensor's share each, in the tensors' order) as the addresses of the tensor, of the share's
     kept positions, seed values and distances, and how many each holds; the buffers behind them
     in blocks (pos, seed, val tensors, the first part, how many parts, each part's offset in
-    them). A cut compacts each part in place; a block left mostly empty is packed into buffers
-    of its size, so that its memory goes."""
+    them). A cut compacts each part in place. The buffers are pool_many's, which its Bucket
+    holds through the step anyway (see engine._keep_pool_buffers), so a cut does not pack them
+    into smaller ones: that only added memory and time."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -653,20 +654,6 @@ class Pool:
                 kept.ctypes.data, differ.ctypes.data):
             raise MemoryError("out of memory for the pool cut's tie budgets")
         self.count, self.differ = kept, differ
-        for b in self.blocks:  # blocks left mostly empty: packed into buffers of their size
-            pos, seed, val, first, n = b
-            live = int(self.count[first:first + n].sum())
-            if 2 * live >= len(pos) or len(pos) < 4096:
-                continue
-            off = np.concatenate([[0], np.cumsum(self.count[first:first + n])[:-1]]).astype(np.int64)
-            for c, buf in enumerate((pos, seed, val)):
-                new = torch.empty(live, dtype=buf.dtype)
-                src = np.ascontiguousarray(self.ptrs[first:first + n, c + 1])
-                _state["lib"].dst_pack(n, src.ctypes.data, self.count[first:first + n].ctypes.data, buf.element_size(),
-                                       new.data_ptr())
-                self.ptrs[first:first + n, c + 1] = new.data_ptr() + off * buf.element_size()
-                b[c] = new
-            self.off[first:first + n] = off
 
 
 def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], tau: float,
