@@ -270,6 +270,7 @@ class DST:
         # step a bucket, then project all its tensors in one kernel call (kernels.many)
         self._many = not self.batched and self.seed is None and gather is None and bucket_kernels
         self._many_plans: dict[tuple, kernels.Bucket | list[int]] = {}
+        self._views: dict[tuple, tuple] = {}  # see _flat and _snapshot_step
         self._counted = False  # whether the last step counted the non-finite kept entries
         # first name -> (names, kept objects, positions in each tensor, seed values, kept per tensor)
         self._bucket_kept: dict[str, tuple] = {}
@@ -439,7 +440,7 @@ class DST:
         for n, (idx, seed_vals), differ in zip(names, pool.pack(), pool.differ.tolist()):
             self.kept[n], self._nonseed[n] = _Kept(idx, seed_vals), differ
         both, self._nonfinite["all"] = kernels.churn([self.kept[n].idx for n in names], [before[n] for n in names],
-                                                     [self.params[n].detach().view(-1) for n in names], self._work)
+                                                     self._flat(tuple(names)), self._work)
         new, old = int(pool.count.sum()), sum(i.numel() for i in before.values())
         return StepStats(self.step_count, self.nonseed(), new - both, old - both, True)
 
@@ -498,12 +499,26 @@ class DST:
 
     def _snapshot_step(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer):
         """Copy a bucket's tensors into the scratch, then step its optimizer; returns the tensors
-        and their copies from before the step (flat)."""
-        params = [self.params[n].detach().view(-1) for n in names]
-        views = self._buffer(int(b.n.sum()), params[0]).split(b.sizes)
-        _copy_all(list(views), params)  # before the step: the seed, except at the kept entries
+        and their copies from before the step (flat; the scratch's views kept while it keeps
+        its memory, as _flat keeps the tensors')."""
+        params = self._flat(names)
+        scratch = self._buffer(int(b.n.sum()), params[0])
+        key = ("scratch", names)
+        if key not in self._views or self._views[key][0] != scratch.data_ptr():
+            self._views[key] = (scratch.data_ptr(), list(scratch.split(b.sizes)))
+        views = self._views[key][1]
+        _copy_all(views, params)  # before the step: the seed, except at the kept entries
         opt.step()
         return params, views
+
+    def _flat(self, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """The tensors' flat views, kept from step to step while each keeps its memory (a view
+        holds its memory, so a tensor given new memory has a new address): making them again
+        each step cost ~7 us a tensor, 0.36 ms a step on the bundled model with its snapshot's."""
+        ptrs = tuple(self.params[n].data_ptr() for n in names)
+        if names not in self._views or self._views[names][0] != ptrs:
+            self._views[names] = (ptrs, [self.params[n].detach().view(-1) for n in names])
+        return self._views[names][1]
 
     def _many_plan(self, names: tuple[str, ...]) -> kernels.Bucket:
         """A bucket's kernels.Bucket (made once, then kept in _many_plans): tensor silos of

@@ -153,6 +153,31 @@ def test_lean_engine_holds_no_seed_copy_and_skips_frozen_tensors():
         dst.step({})
 
 
+@pytest.mark.parametrize("silo", ["tensor", "global"])
+def test_engine_follows_a_parameter_given_new_memory(silo):
+    """The engine keeps its flat views of the parameters (and of its scratch) from step to step:
+    a parameter given new memory between steps (`p.data = ...`) is followed, not the old memory
+    (the same bits as a twin run whose parameter kept its memory)."""
+    runs = []
+    for move in (False, True):
+        model = Tiny()
+        dst = DST(model.named_parameters(), epsilon=0.2, silo=silo, seed="none")
+        opts = bucket_optimizers(dst.buckets(limit=10**9), dict(model.named_parameters()),
+                                 lambda ps: torch.optim.AdamW(ps, lr=0.05))
+        for step, x in enumerate(batches(5)):
+            if move and step == 2:
+                old = model.a.data
+                model.a.data = model.a.data.clone()
+                assert model.a.data_ptr() != old.data_ptr()
+            model.zero_grad()
+            model.loss(x).backward()
+            dst.step(opts)
+        if move:
+            assert not torch.equal(old, model.a.detach())  # the old memory was left behind
+        runs.append([bits_view(p.detach()).clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_seed_mapping_must_match_the_parameters():
     model = Tiny()
     seeds = {n: p.detach().clone() for n, p in model.named_parameters()}
