@@ -2,8 +2,8 @@
 
 On the CPU the projection is bound by passes over memory: torch computes the distances, then
 compares, gathers and copies, each a pass of its own. kernels.c fuses them and gives the same
-bits: a tensor silo's whole projection in one call (`top`: sample, bracket, candidates, k-th
-largest, tie rule, reset), row silos' and small silos' likewise a row at a time (`rows`), the
+bits: a tensor silo's whole projection in one call (`top`: sample, bracket, k-th largest, then
+tie rule, reset and the kept entries in one pass), row silos' and small silos' likewise a row at a time (`rows`), the
 global silo's share of each tensor with its reset in one pass (`share`) and each cut of the pool
 in one call over its parts (`cut_many`). select.py and engine.py call them where they serve (a
 CPU tensor of float32, bfloat16 or float64, laid out contiguously) and take their torch paths
