@@ -736,18 +736,28 @@ KTH(f64, double, , )
  * ones in [lo, hi] (as dst_bracket_* takes them) to in, in order (room n + 16); returns how many.
  * The second keeps, by the tie rule at tau (need: ties at tau it may still keep), the positions
  * (first + i) and x0's values there (pos, seed: room for how many + 16), sets x to x0 elsewhere
- * (bits moved) and counts the kept values that differ from x0 (*differ); returns how many. */
-#define TOP_ONE(LOAD, DIST)                                                                  \
+ * (bits moved) and counts the kept values that differ from x0 (*differ), the kept positions
+ * that are in old (ascending, the kept set before, from the range's first position on: *both)
+ * and the kept values that are NaN or infinite (*bad); returns how many. */
+#define TOP_ONE(LOAD, DIST, BITS)                                                            \
     {                                                                                        \
         U a = x[i], b = x0[i];                                                               \
         DV w = DIST(LOAD(a), LOAD(b), kind);                                                 \
         TIE_RULE(w)                                                                          \
+        int was = j < n_old && old[j] == first + i;                                          \
+        j += was;                                                                            \
         pos[c] = first + i;                                                                  \
         seed[c] = b;                                                                         \
         x[i] = keep ? a : b;                                                                 \
         diff += keep & (a != b);                                                             \
+        both += keep & was;                                                                  \
+        bad += keep & NONFINITE_##BITS(a);                                                   \
         c += keep;                                                                           \
     }
+
+#define NONFINITE_32(u) (((u) & 0x7f800000u) == 0x7f800000u)
+#define NONFINITE_16(u) (((u) & 0x7f80u) == 0x7f80u)
+#define NONFINITE_64(u) (((u) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
 
 #ifdef __AVX512F__
 #define TOP_BRACKET16(LOAD16)                                                                \
@@ -778,8 +788,10 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
 /* entries i.. of x and x0 (U's; positions first + i; to `end`), 16 at once: their distances
  * d16 (at i) kept above tau (and above 0), then ties at tau while `need` lasts, x set to x0
  * elsewhere (MOVE: KEEP_MOVE_* for the keep mask km); the kept positions and x0's values
- * there packed at pos + c and seed + c (16 slots written) */
-#define KEEP16(end, d16, x, x0, first, MOVE)                                                 \
+ * there packed at pos + c and seed + c (16 slots written). TRACK() sets om, the block's
+ * positions in the old kept set, COUNT() counts what MOVE loaded (NOTHING: neither). */
+#define NOTHING()
+#define KEEP16(end, d16, x, x0, first, MOVE, TRACK, COUNT)                                   \
     const __m512 vt = _mm512_set1_ps(tau), zero = _mm512_setzero_ps();                       \
     for (; i + 16 <= (end); i += 16) {                                                       \
         __m512 d = d16;                                                                      \
@@ -790,6 +802,7 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
             km |= ties;                                                                      \
             need -= __builtin_popcount(ties);                                                \
         }                                                                                    \
+        TRACK()                                                                              \
         U *at = (x) + i;                                                                     \
         const U *at0 = (x0) + i;                                                             \
         if (!km) { /* none kept (most blocks at small budgets): x0's 16 back */              \
@@ -797,13 +810,23 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
             continue;                                                                        \
         }                                                                                    \
         MOVE()                                                                               \
+        COUNT()                                                                              \
         store_run16(pos + c, (first) + i, km);                                               \
         c += __builtin_popcount(km);                                                         \
     }
-#define TOP_KEEP16(LOAD16, MOVE) KEEP16(n, dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind), x, x0, first, MOVE)
+/* dst_top_*'s TRACK: the old kept positions in this block (old[j] on, ascending) */
+#define TOP_TRACK()                                                                          \
+    __mmask16 om = 0;                                                                        \
+    for (; j < n_old && old[j] < first + i + 16; j++) om |= (__mmask16)(1u << (old[j] - first - i));
+#define TOP_COUNT_32()                                                                       \
+    both += __builtin_popcount(km & om);                                                     \
+    bad += __builtin_popcount(km & _mm512_cmpeq_epi32_mask(                                  \
+        _mm512_and_si512(a, _mm512_set1_epi32(0x7f800000)), _mm512_set1_epi32(0x7f800000)));
+#define TOP_KEEP16(LOAD16, MOVE, COUNT) \
+    KEEP16(n, dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind), x, x0, first, MOVE, TOP_TRACK, COUNT)
 #define TOP_BRACKET_F32 TOP_BRACKET16(LOAD16_U32)
 #define TOP_BRACKET_BF16 TOP_BRACKET16(load16_bf16)
-#define TOP_KEEP_F32 TOP_KEEP16(LOAD16_U32, KEEP_MOVE_32)
+#define TOP_KEEP_F32 TOP_KEEP16(LOAD16_U32, KEEP_MOVE_32, TOP_COUNT_32)
 #else
 #define TOP_BRACKET_F32
 #define TOP_BRACKET_BF16
@@ -816,7 +839,11 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
     diff += __builtin_popcount(km & _mm256_cmpneq_epi16_mask(a, b));                         \
     _mm256_storeu_si256((__m256i *)(seed + c),                                               \
                         _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(km, _mm512_cvtepu16_epi32(b))));
-#define TOP_KEEP_BF16 TOP_KEEP16(load16_bf16, KEEP_MOVE_16)
+#define TOP_COUNT_16()                                                                       \
+    both += __builtin_popcount(km & om);                                                     \
+    bad += __builtin_popcount(km & _mm256_cmpeq_epi16_mask(                                  \
+        _mm256_and_si256(a, _mm256_set1_epi16(0x7f80)), _mm256_set1_epi16(0x7f80)));
+#define TOP_KEEP_BF16 TOP_KEEP16(load16_bf16, KEEP_MOVE_16, TOP_COUNT_16)
 #else
 #define TOP_KEEP_BF16
 #endif
@@ -836,14 +863,17 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
         return m;                                                                            \
     }                                                                                        \
     static int64_t top_keep_##SUF(uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, D tau, \
-                                  int64_t need, int64_t first, int64_t *pos, uint##BITS##_t *seed, \
-                                  int64_t *differ) {                                         \
+                                  int64_t need, int64_t first, const int64_t *old, int64_t n_old, \
+                                  int64_t *pos, uint##BITS##_t *seed, int64_t *differ, int64_t *both_out, \
+                                  int64_t *bad_out) {                                        \
         typedef uint##BITS##_t U;                                                            \
         typedef D DV;                                                                        \
-        int64_t c = 0, diff = 0, i = 0;                                                      \
+        int64_t c = 0, diff = 0, both = 0, bad = 0, i = 0, j = 0;                            \
         FAST_KEEP                                                                            \
-        for (; i < n; i++) TOP_ONE(LOAD, DIST)                                               \
+        for (; i < n; i++) TOP_ONE(LOAD, DIST, BITS)                                         \
         *differ = diff;                                                                      \
+        *both_out = both;                                                                    \
+        *bad_out = bad;                                                                      \
         return c;                                                                            \
     }
 
@@ -864,12 +894,25 @@ TOP_PASSES(f64, double, 64, bits_f64, dist_d, , )
  * more than the second pass. From PARALLEL_MIN entries on both passes go in runs, one a thread,
  * the second run's ties at tau budgeted in position order (as one pass would count them down)
  * and each writing at its start plus 16 a run before it, then moved together: the same output
- * as one thread. Returns how many are kept, or -1 where the sample misled (fewer than k at or
- * above lo, or k or more above hi): x is untouched then. */
+ * as one thread. old (n_old ascending positions, the kept set before; NULL where n_old is 0):
+ * how many kept positions are in it goes to counts[0], how many kept values are NaN or infinite
+ * to counts[1] (what dst_many_* reports, counted in the second pass). Returns how many are
+ * kept, or -1 where the sample misled (fewer than k at or above lo, or k or more above hi): x is
+ * untouched then. */
+static int64_t lower_bound(const int64_t *idx, int64_t k, int64_t v) {
+    int64_t lo = 0, hi = k;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (idx[mid] < v) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
 #define TOP(SUF, T, D, BITS, DSUF)                                                           \
     int64_t dst_top_##SUF(T *x, const T *x0, int64_t n, int kind, int64_t k, int64_t stride,  \
                           int64_t j_lo, int64_t j_hi, D *sbuf, D *val, D *inside, D *tmp,    \
-                          int64_t *kpos, T *kx0, int64_t *differ) {                          \
+                          int64_t *kpos, T *kx0, int64_t *differ, const int64_t *old, int64_t n_old, \
+                          int64_t *counts) {                                                 \
         typedef uint##BITS##_t U;                                                            \
         U *ux = (U *)x, *useed = (U *)kx0;                                                   \
         const U *ux0 = (const U *)x0;                                                        \
@@ -880,7 +923,8 @@ TOP_PASSES(f64, double, 64, bits_f64, dist_d, , )
         if (j_hi >= 1) hi = kth_##DSUF(sbuf + s + 32, s, s - j_hi, tmp, &above);             \
         int runs = threads_for(n, n >> 16);                                                  \
         int64_t cut[MAX_THREADS + 1], cnt[MAX_THREADS], up[MAX_THREADS], budget[MAX_THREADS], \
-            at[MAX_THREADS], kept[MAX_THREADS], dif[MAX_THREADS], m = 0, n_above = 0;        \
+            at[MAX_THREADS], kept[MAX_THREADS], dif[MAX_THREADS], bth[MAX_THREADS], bd[MAX_THREADS], \
+            m = 0, n_above = 0;                                                              \
         for (int t = 0; t <= runs; t++) cut[t] = t == runs ? n : n / runs * t;               \
         PARALLEL_FOR                                                                         \
         for (int t = 0; t < runs; t++)                                                       \
@@ -910,15 +954,21 @@ TOP_PASSES(f64, double, 64, bits_f64, dist_d, , )
             from += up[t] + gt + (tau > 0 ? budget[t] : 0);                                  \
         }                                                                                    \
         PARALLEL_FOR                                                                         \
-        for (int t = 0; t < runs; t++)                                                       \
+        for (int t = 0; t < runs; t++) {                                                     \
+            int64_t j0 = lower_bound(old, n_old, cut[t]);                                    \
             kept[t] = top_keep_##SUF(ux + cut[t], ux0 + cut[t], cut[t + 1] - cut[t], kind, tau, budget[t], \
-                                     cut[t], kpos + at[t], useed + at[t], &dif[t]);          \
+                                     cut[t], n_old ? old + j0 : old, n_old - j0, kpos + at[t], useed + at[t], \
+                                     &dif[t], &bth[t], &bd[t]);                              \
+        }                                                                                    \
         int64_t c = 0, diff = 0;                                                             \
+        counts[0] = counts[1] = 0;                                                           \
         for (int t = 0; t < runs; t++) { /* c <= the run's start: moving forward is safe */  \
             memmove(kpos + c, kpos + at[t], (size_t)kept[t] * sizeof(*kpos));                \
             memmove(useed + c, useed + at[t], (size_t)kept[t] * sizeof(U));                  \
             c += kept[t];                                                                    \
             diff += dif[t];                                                                  \
+            counts[0] += bth[t];                                                             \
+            counts[1] += bd[t];                                                              \
         }                                                                                    \
         *differ = diff;                                                                      \
         return c;                                                                            \
@@ -960,7 +1010,7 @@ TOP(f64, double, double, 64, f64)
         _mm512_storeu_ps(cbuf + nc, _mm512_maskz_compress_ps(mk, d));                        \
         nc += __builtin_popcount(mk);                                                        \
     }
-#define ROWS_KEEP16(MOVE) KEEP16(m, _mm512_loadu_ps(dbuf + i), xr, x0r, base, MOVE)
+#define ROWS_KEEP16(MOVE) KEEP16(m, _mm512_loadu_ps(dbuf + i), xr, x0r, base, MOVE, NOTHING, NOTHING)
 #define ROWS_FAST_F32 ROWS_KEEP16(KEEP_MOVE_32)
 #define ROWS_GATHER_F32 ROWS_GATHER16(load16_f32)
 #else
@@ -1078,16 +1128,14 @@ ROWS(f64, double, double, 64)
  * Tensor t's kept positions and seed values are written from off[t] on (room: dst_top_*'s or
  * dst_rows_*'s), then all moved together in order. out[4t..4t+3]: how many are kept (-1: the
  * sample misled, x[t] untouched but x0[t] the seed; nothing of it is written), how many of them
- * differ from the seed, how many were kept before too (counted on a map of n[t] bytes, all 0
- * on entry and on return), how many are NaN or infinite.
+ * differ from the seed, how many were kept before too and how many are NaN or infinite (by
+ * dst_top_*'s second pass; after dst_rows_*, by churn_*: on a map of n[t] bytes, all 0 on entry
+ * and on return).
  * With OpenMP, tensors under PARALLEL_MIN entries (which use one thread each) go several at a
  * time, one a thread; the larger ones one after the other, each on all threads. Scratch: sets of
  * 5 pointers (dst_top_*'s sbuf, val, inside, tmp, and the map), the first for the largest
  * tensor, the other sets - 1 for the largest under PARALLEL_MIN. The kept positions of tensor t
  * stay at off[t]. Returns 0, -1 where memory ran out. */
-#define NONFINITE_32(u) (((u) & 0x7f800000u) == 0x7f800000u)
-#define NONFINITE_16(u) (((u) & 0x7f80u) == 0x7f80u)
-#define NONFINITE_64(u) (((u) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
 #define MANY_PARALLEL_MIN (1 << 16) /* tensors under PARALLEL_MIN entries, in all */
 #ifdef _OPENMP
 #define THREAD_NUM omp_get_thread_num()
@@ -1202,16 +1250,18 @@ CHURN_MANY(64)
         restore_##BITS((U *)x0[t], oi, old_seed[t], n_old[t]);                               \
         const int64_t *sp = spec + 4 * t;                                                    \
         int64_t *o = out + 4 * t, *p = pos + off[t], differ = 0, kept;                       \
-        if (sp[0] > 0)                                                                       \
+        if (sp[0] > 0) /* counts the churn in its second pass */                             \
             kept = dst_top_##SUF(x[t], x0[t], n[t], kind, sp[0], sp[1], sp[2], sp[3], (D *)sc[0], \
-                                 (D *)sc[1], (D *)sc[2], (D *)sc[3], p, seed + off[t], &differ); \
+                                 (D *)sc[1], (D *)sc[2], (D *)sc[3], p, seed + off[t], &differ, oi, \
+                                 n_old[t], o + 2);                                           \
         else if ((kept = dst_rows_##SUF(x[t], x0[t], -sp[0], starts[t], rk[t], kind, hint[t], p, \
                                         (U *)(seed + off[t]), &differ)) < 0)                 \
             return -1;                                                                       \
         o[0] = kept;                                                                         \
         if (kept < 0) return 0;                                                              \
         o[1] = differ;                                                                       \
-        churn_##BITS(p, kept, oi, n_old[t], (const U *)x[t], n[t], (uint8_t *)sc[4], o + 2);  \
+        if (sp[0] <= 0)                                                                      \
+            churn_##BITS(p, kept, oi, n_old[t], (const U *)x[t], n[t], (uint8_t *)sc[4], o + 2); \
         return 0;                                                                            \
     }                                                                                        \
     int64_t dst_many_##SUF(int64_t count, T **x, T **x0, const int64_t *n, const int64_t *spec, \
@@ -1260,8 +1310,9 @@ MANY(f64, double, double, 64)
         }                                                                                    \
         const int64_t *sp = spec + 4 * t;                                                    \
         if (sp[0] > 0) {                                                                     \
+            int64_t unused[2];                                                               \
             kept = dst_top_##SUF(x[t], x0[t], m, kind, sp[0], sp[1], sp[2], sp[3], (D *)sc[0], \
-                                 (D *)sc[1], (D *)sc[2], (D *)sc[3], p, s, &differ);         \
+                                 (D *)sc[1], (D *)sc[2], (D *)sc[3], p, s, &differ, NULL, 0, unused); \
             if (kept < 0) {                                                                  \
                 o[0] = -1;                                                                   \
                 return 0;                                                                    \

@@ -153,7 +153,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = I, [P, P, I, P, P, C, P, P, P, P]
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_top_{suf}")
-        f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P]
+        f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P, P, I, P]
         f = getattr(lib, f"dst_many_{suf}")
         f.restype, f.argtypes = I, [I, P, P, P, P, P, P, P, P, P, P, C, P, C, P, P, P, P]
         f = getattr(lib, f"dst_pool_many_{suf}")
@@ -355,10 +355,11 @@ def top(x: torch.Tensor, x0: torch.Tensor, kind: str, k: int, stride: int, j_lo:
     sbuf, val, inside, tmp = top_scratch(n, -(-n // stride), x.dtype, work)
     room = k + 16 * _state["lib"].dst_threads() + 16  # each thread's run writes at its share + 16
     kpos, kx0 = torch.empty(room, dtype=torch.long), torch.empty(room, dtype=x.dtype)
-    differ = ctypes.c_int64(0)
+    differ, counts = ctypes.c_int64(0), np.zeros(2, dtype=np.int64)  # no old kept set: counts unused
     kept = getattr(_state["lib"], f"dst_top_{_SUFFIX[x.dtype]}")(
         x.data_ptr(), x0.data_ptr(), n, KINDS[kind], k, stride, j_lo, j_hi, sbuf.ctypes.data, val.ctypes.data,
-        inside.ctypes.data, tmp.ctypes.data, kpos.data_ptr(), kx0.data_ptr(), ctypes.byref(differ))
+        inside.ctypes.data, tmp.ctypes.data, kpos.data_ptr(), kx0.data_ptr(), ctypes.byref(differ), None, 0,
+        counts.ctypes.data)
     if kept < 0:
         return None
     return kpos[:kept], kx0[:kept], differ.value
