@@ -988,15 +988,19 @@ TOP(f64, double, double, 64, f64)
  * (pos, seed: room sum(k) + 16), sets x to x0 elsewhere (bits moved) and counts the kept values
  * that differ from x0 (*differ). hint[r] becomes this step's k-th largest. Returns how many are
  * kept. */
-#define ROW_ONE(U)                                                                           \
+#define ROW_ONE(U, BITS)                                                                     \
     {                                                                                        \
         DV w = dbuf[i];                                                                      \
         TIE_RULE(w)                                                                          \
         U a = xr[i], b = x0r[i];                                                             \
+        int was = j < n_old && old[j] == base + i;                                           \
+        j += was;                                                                            \
         pos[c] = base + i;                                                                   \
         seed[c] = b;                                                                         \
         xr[i] = keep ? a : b;                                                                \
         diff += keep & (a != b);                                                             \
+        both += keep & was;                                                                  \
+        bad += keep & NONFINITE_##BITS(a);                                                   \
         c += keep;                                                                           \
     }
 
@@ -1010,15 +1014,19 @@ TOP(f64, double, double, 64, f64)
         _mm512_storeu_ps(cbuf + nc, _mm512_maskz_compress_ps(mk, d));                        \
         nc += __builtin_popcount(mk);                                                        \
     }
-#define ROWS_KEEP16(MOVE) KEEP16(m, _mm512_loadu_ps(dbuf + i), xr, x0r, base, MOVE, NOTHING, NOTHING)
-#define ROWS_FAST_F32 ROWS_KEEP16(KEEP_MOVE_32)
+/* dst_rows_*'s TRACK (as dst_top_*'s, positions base + i) */
+#define ROWS_TRACK()                                                                         \
+    __mmask16 om = 0;                                                                        \
+    for (; j < n_old && old[j] < base + i + 16; j++) om |= (__mmask16)(1u << (old[j] - base - i));
+#define ROWS_KEEP16(MOVE, COUNT) KEEP16(m, _mm512_loadu_ps(dbuf + i), xr, x0r, base, MOVE, ROWS_TRACK, COUNT)
+#define ROWS_FAST_F32 ROWS_KEEP16(KEEP_MOVE_32, TOP_COUNT_32)
 #define ROWS_GATHER_F32 ROWS_GATHER16(load16_f32)
 #else
 #define ROWS_FAST_F32
 #define ROWS_GATHER_F32
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define ROWS_FAST_BF16 ROWS_KEEP16(KEEP_MOVE_16)
+#define ROWS_FAST_BF16 ROWS_KEEP16(KEEP_MOVE_16, TOP_COUNT_16)
 #define ROWS_GATHER_BF16 ROWS_GATHER16(load16_bf16)
 #else
 #define ROWS_FAST_BF16
@@ -1029,10 +1037,11 @@ TOP(f64, double, double, 64, f64)
 #define ROWS_RANGE(SUF, T, D, BITS, DSUF, LOAD, DIST, GATHER, FAST)                          \
     static int64_t rows_range_##SUF(T *x, const T *x0, int64_t r0, int64_t r1, const int64_t *starts, \
                                     const int64_t *k, int kind, D *hint, D *dbuf, D *cbuf, D *tmp, \
-                                    int64_t *pos, uint##BITS##_t *seed, int64_t *differ) {   \
+                                    const int64_t *old, int64_t n_old, int64_t *pos,        \
+                                    uint##BITS##_t *seed, int64_t *differ, int64_t *counts) { \
         typedef uint##BITS##_t U;                                                            \
         typedef D DV;                                                                        \
-        int64_t c = 0, diff = 0;                                                             \
+        int64_t c = 0, diff = 0, both = 0, bad = 0, j = 0;                                   \
         for (int64_t r = r0; r < r1; r++) {                                                  \
             int64_t base = starts[r], m = starts[r + 1] - base, kr = k[r] < m ? k[r] : m;     \
             U *xr = (U *)x + base;                                                           \
@@ -1040,6 +1049,7 @@ TOP(f64, double, double, 64, f64)
             if (kr <= 0) {                                                                   \
                 memcpy(xr, x0r, (size_t)m * sizeof(U));                                      \
                 hint[r] = 0;                                                                 \
+                for (; j < n_old && old[j] < base + m; j++) {}                               \
                 continue;                                                                    \
             }                                                                                \
             D p = hint[r] > 0 ? hint[r] * (D)0.75 : (D)INFINITY;                             \
@@ -1060,9 +1070,11 @@ TOP(f64, double, double, 64, f64)
             hint[r] = tau;                                                                   \
             i = 0;                                                                           \
             FAST                                                                             \
-            for (; i < m; i++) ROW_ONE(U)                                                    \
+            for (; i < m; i++) ROW_ONE(U, BITS)                                              \
         }                                                                                    \
         *differ = diff;                                                                      \
+        counts[0] = both;                                                                    \
+        counts[1] = bad;                                                                     \
         return c;                                                                            \
     }
 
@@ -1070,11 +1082,14 @@ TOP(f64, double, double, 64, f64)
  * split in runs of about equal entries, one a thread, each written at its rows' share of the
  * output plus 16 per run before it (pos and seed: room sum(min(k, m)) + 16 * dst_threads() + 16),
  * then moved together: the same output in the same order as one run. Scratch: 3 (longest row +
- * 32) values a run. Returns how many are kept, -1 where memory ran out (x untouched). */
+ * 32) values a run. old, n_old, counts: as dst_top_*'s (the churn and non-finite counts, made
+ * in the pass that keeps). Returns how many are kept, -1 where memory ran out (x untouched). */
 #define ROWS(SUF, T, D, BITS)                                                                \
     int64_t dst_rows_##SUF(T *x, const T *x0, int64_t R, const int64_t *starts, const int64_t *k, int kind, \
-                           D *hint, int64_t *pos, uint##BITS##_t *seed, int64_t *differ) {   \
-        int64_t longest = 0, cut[MAX_THREADS + 1], off[MAX_THREADS], cnt[MAX_THREADS], dif[MAX_THREADS]; \
+                           D *hint, int64_t *pos, uint##BITS##_t *seed, int64_t *differ,     \
+                           const int64_t *old, int64_t n_old, int64_t *counts) {             \
+        int64_t longest = 0, cut[MAX_THREADS + 1], off[MAX_THREADS], cnt[MAX_THREADS], dif[MAX_THREADS], \
+            cn[MAX_THREADS][2];                                                              \
         for (int64_t r = 0; r < R; r++)                                                      \
             if (starts[r + 1] - starts[r] > longest) longest = starts[r + 1] - starts[r];   \
         int runs = threads_for(starts[R] - starts[0], R);                                    \
@@ -1098,16 +1113,21 @@ TOP(f64, double, double, 64, f64)
         PARALLEL_FOR                                                                         \
         for (int t = 0; t < runs; t++) {                                                     \
             D *buf = scratch + (size_t)t * 3 * width;                                        \
+            int64_t j0 = cut[t] < R ? lower_bound(old, n_old, starts[cut[t]]) : n_old;       \
             cnt[t] = rows_range_##SUF(x, x0, cut[t], cut[t + 1], starts, k, kind, hint, buf,  \
-                                      buf + width, buf + 2 * width, pos + off[t], seed + off[t], &dif[t]); \
+                                      buf + width, buf + 2 * width, n_old ? old + j0 : old, n_old - j0, \
+                                      pos + off[t], seed + off[t], &dif[t], cn[t]);          \
         }                                                                                    \
         free(scratch);                                                                       \
         int64_t c = 0, diff = 0;                                                             \
+        counts[0] = counts[1] = 0;                                                           \
         for (int t = 0; t < runs; t++) {                                                     \
             memmove(pos + c, pos + off[t], (size_t)cnt[t] * sizeof(*pos));                   \
             memmove(seed + c, seed + off[t], (size_t)cnt[t] * sizeof(*seed));                \
             c += cnt[t];                                                                     \
             diff += dif[t];                                                                  \
+            counts[0] += cn[t][0];                                                           \
+            counts[1] += cn[t][1];                                                           \
         }                                                                                    \
         *differ = diff;                                                                      \
         return c;                                                                            \
@@ -1128,12 +1148,11 @@ ROWS(f64, double, double, 64)
  * Tensor t's kept positions and seed values are written from off[t] on (room: dst_top_*'s or
  * dst_rows_*'s), then all moved together in order. out[4t..4t+3]: how many are kept (-1: the
  * sample misled, x[t] untouched but x0[t] the seed; nothing of it is written), how many of them
- * differ from the seed, how many were kept before too and how many are NaN or infinite (by
- * dst_top_*'s second pass; after dst_rows_*, by churn_*: on a map of n[t] bytes, all 0 on entry
- * and on return).
+ * differ from the seed, how many were kept before too and how many are NaN or infinite (counted
+ * by dst_top_*'s and dst_rows_*'s pass that keeps).
  * With OpenMP, tensors under PARALLEL_MIN entries (which use one thread each) go several at a
  * time, one a thread; the larger ones one after the other, each on all threads. Scratch: sets of
- * 5 pointers (dst_top_*'s sbuf, val, inside, tmp, and the map), the first for the largest
+ * 4 pointers (dst_top_*'s sbuf, val, inside, tmp), the first for the largest
  * tensor, the other sets - 1 for the largest under PARALLEL_MIN. The kept positions of tensor t
  * stay at off[t]. Returns 0, -1 where memory ran out. */
 #define MANY_PARALLEL_MIN (1 << 16) /* tensors under PARALLEL_MIN entries, in all */
@@ -1218,7 +1237,7 @@ RESTORE(64)
 CHURN_MANY(16)
 CHURN_MANY(32)
 CHURN_MANY(64)
-/* ONE(t, scratch set, ...) for each of `count` tensors (n[t] entries; `sets` scratch sets of 5
+/* ONE(t, scratch set, ...) for each of `count` tensors (n[t] entries; `sets` scratch sets of 4
  * pointers): from PARALLEL_MIN entries on one after the other (each on all threads), the others
  * a thread each once they add up to MANY_PARALLEL_MIN; returns -1 where a call did, else 0 */
 #define FOR_TENSORS(ONE, ...)                                                                \
@@ -1236,7 +1255,7 @@ CHURN_MANY(64)
     int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, ns) : 1;                \
     if (runs > sets) runs = sets;                                                            \
     PARALLEL_FOR_DYNAMIC_SUM                                                                 \
-    for (int64_t i = 0; i < ns; i++) used += ONE(small[i], scratch + 5 * THREAD_NUM, __VA_ARGS__) != 0; \
+    for (int64_t i = 0; i < ns; i++) used += ONE(small[i], scratch + 4 * THREAD_NUM, __VA_ARGS__) != 0; \
     free(small);                                                                             \
     return used ? -1 : 0;
 #define MANY(SUF, T, D, BITS)                                                                \
@@ -1250,18 +1269,16 @@ CHURN_MANY(64)
         restore_##BITS((U *)x0[t], oi, old_seed[t], n_old[t]);                               \
         const int64_t *sp = spec + 4 * t;                                                    \
         int64_t *o = out + 4 * t, *p = pos + off[t], differ = 0, kept;                       \
-        if (sp[0] > 0) /* counts the churn in its second pass */                             \
+        if (sp[0] > 0)                                                                       \
             kept = dst_top_##SUF(x[t], x0[t], n[t], kind, sp[0], sp[1], sp[2], sp[3], (D *)sc[0], \
                                  (D *)sc[1], (D *)sc[2], (D *)sc[3], p, seed + off[t], &differ, oi, \
                                  n_old[t], o + 2);                                           \
         else if ((kept = dst_rows_##SUF(x[t], x0[t], -sp[0], starts[t], rk[t], kind, hint[t], p, \
-                                        (U *)(seed + off[t]), &differ)) < 0)                 \
+                                        (U *)(seed + off[t]), &differ, oi, n_old[t], o + 2)) < 0) \
             return -1;                                                                       \
         o[0] = kept;                                                                         \
         if (kept < 0) return 0;                                                              \
         o[1] = differ;                                                                       \
-        if (sp[0] <= 0)                                                                      \
-            churn_##BITS(p, kept, oi, n_old[t], (const U *)x[t], n[t], (uint8_t *)sc[4], o + 2); \
         return 0;                                                                            \
     }                                                                                        \
     int64_t dst_many_##SUF(int64_t count, T **x, T **x0, const int64_t *n, const int64_t *spec, \
@@ -1287,7 +1304,7 @@ MANY(f64, double, double, 64)
  * entries on, else min(n[t], K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many (-1:
  * dst_top_*'s sample misled, x[t] as the share left it - its top-K untouched - and x0[t] the
  * seed), how many differ from the seed. Tensors under PARALLEL_MIN entries a thread each, as
- * dst_many_* (scratch: sets of 5 pointers, the map unused). Returns 0, -1 where memory ran out. */
+ * dst_many_* (scratch: sets of 4 pointers). Returns 0, -1 where memory ran out. */
 #define POOL_MANY(SUF, T, D, BITS, LOAD, DIST)                                               \
     static int pool_one_##SUF(int64_t t, void **sc, T **x, T **x0, const int64_t *n, const int64_t *spec, \
                               const int64_t **old_idx, const uint##BITS##_t **old_seed,     \
@@ -1320,7 +1337,9 @@ MANY(f64, double, double, 64)
         } else {                                                                             \
             int64_t starts[2] = {0, m}, k = K;                                               \
             D hint = 0;                                                                      \
-            if ((kept = dst_rows_##SUF(x[t], x0[t], 1, starts, &k, kind, &hint, p, (U *)s, &differ)) < 0) \
+            int64_t unused[2];                                                               \
+            if ((kept = dst_rows_##SUF(x[t], x0[t], 1, starts, &k, kind, &hint, p, (U *)s, &differ, NULL, 0, \
+                                       unused)) < 0)                                         \
                 return -1;                                                                   \
         }                                                                                    \
         const T *xt = x[t];                                                                  \

@@ -150,7 +150,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dst_threads.restype, lib.dst_threads.argtypes = C, []
     for suf in ("f32", "bf16", "f64"):
         f = getattr(lib, f"dst_rows_{suf}")
-        f.restype, f.argtypes = I, [P, P, I, P, P, C, P, P, P, P]
+        f.restype, f.argtypes = I, [P, P, I, P, P, C, P, P, P, P, P, I, P]
     for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
         f = getattr(lib, f"dst_top_{suf}")
         f.restype, f.argtypes = I, [P, P, I, C, I, I, I, I, P, P, P, P, P, P, P, P, I, P]
@@ -395,10 +395,10 @@ def rows(x: torch.Tensor, x0: torch.Tensor, k: np.ndarray, kind: str, hint: np.n
     assert hint.dtype == wide and hint.flags.c_contiguous and len(hint) == R == len(k)
     total = int(np.minimum(k, np.diff(starts)).clip(0).sum()) + 16 * _state["lib"].dst_threads() + 16
     pos, seed = torch.empty(total, dtype=torch.long), torch.empty(total, dtype=x.dtype)
-    differ = ctypes.c_int64(0)
+    differ, counts = ctypes.c_int64(0), np.zeros(2, dtype=np.int64)  # no old kept set: counts unused
     c = getattr(_state["lib"], f"dst_rows_{_SUFFIX[x.dtype]}")(
         x.data_ptr(), x0.data_ptr(), R, starts.ctypes.data, k.ctypes.data, KINDS[kind], hint.ctypes.data,
-        pos.data_ptr(), seed.data_ptr(), ctypes.byref(differ))
+        pos.data_ptr(), seed.data_ptr(), ctypes.byref(differ), None, 0, counts.ctypes.data)
     if c < 0:
         raise MemoryError("out of memory for the row kernels' scratch")
     return pos[:c], seed[:c], differ.value
@@ -457,23 +457,20 @@ class Bucket:
         return self._offsets[threads]
 
     def scratch(self, work: dict, threads: int):
-        """The scratch sets (dst_top_*'s four arrays, the churn's map) for a call on `threads`, as
-        a ctypes array of addresses: the first for the largest tensor, the others for the largest
-        under PARALLEL_MIN. Kept for the next call while `work` holds the same buffers (the cache
-        holds them too, so that no other array can take their ids): carving them again cost
-        more than the kernel on small buckets."""
+        """The scratch sets (dst_top_*'s four arrays) for a call on `threads`, as a ctypes array
+        of addresses: the first for the largest tensor, the others for the largest under
+        PARALLEL_MIN. Kept for the next call while `work` holds the same buffers (the cache holds
+        them too, so that no other array can take their ids): carving them again cost more than
+        the kernel on small buckets."""
         runs = [work] + [work.setdefault(f"run {r}", {}) for r in range(1, threads)]
-        key = tuple((id(run.get("buf")), id(run.get("map"))) for run in runs)
+        key = tuple(id(run.get("buf")) for run in runs)
         if self._scratch is not None and self._scratch[0] == key:
             return self._scratch[2]
         out = []
-        for r, ((n, s), run) in enumerate(zip([self.top] + [self.top_small] * (threads - 1), runs)):
-            big = int(self.n.max()) if r == 0 else self.small
-            if "map" not in run or len(run["map"]) < big:  # all 0 between calls (the kernel clears what it sets)
-                run["map"] = np.zeros(max(big, 1), dtype=np.uint8)
-            out += [a.ctypes.data for a in top_scratch(n, s, self.dtype, run)] + [run["map"].ctypes.data]
-        key = tuple((id(run.get("buf")), id(run.get("map"))) for run in runs)
-        held = [(run.get("buf"), run.get("map")) for run in runs]
+        for (n, s), run in zip([self.top] + [self.top_small] * (threads - 1), runs):
+            out += [a.ctypes.data for a in top_scratch(n, s, self.dtype, run)]
+        key = tuple(id(run.get("buf")) for run in runs)
+        held = [run.get("buf") for run in runs]
         self._scratch = (key, held, (ctypes.c_void_p * len(out))(*out))
         return self._scratch[2]
 
