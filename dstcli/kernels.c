@@ -739,25 +739,29 @@ KTH(f64, double, , )
  * (bits moved) and counts the kept values that differ from x0 (*differ), the kept positions
  * that are in old (ascending, the kept set before, from the range's first position on: *both)
  * and the kept values that are NaN or infinite (*bad); returns how many. */
-#define TOP_ONE(LOAD, DIST, BITS)                                                            \
+#define NONFINITE_32(u) (((u) & 0x7f800000u) == 0x7f800000u)
+#define NONFINITE_16(u) (((u) & 0x7f80u) == 0x7f80u)
+#define NONFINITE_64(u) (((u) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
+
+/* one entry i of x and x0 (U's, position first + i) by the tie rule, its distance d1 (of a and
+ * b, x's and x0's bits): kept (pos, seed at slot c) or set back to x0; the differ, churn (old[j]
+ * on: the old kept positions not yet passed) and non-finite counts. dst_top_*'s and dst_rows_*'s
+ * step one at a time, as KEEP16 is 16 at a time. */
+#define KEEP1(d1, x, x0, first, BITS)                                                        \
     {                                                                                        \
-        U a = x[i], b = x0[i];                                                               \
-        DV w = DIST(LOAD(a), LOAD(b), kind);                                                 \
+        U a = (x)[i], b = (x0)[i];                                                           \
+        DV w = d1;                                                                           \
         TIE_RULE(w)                                                                          \
-        int was = j < n_old && old[j] == first + i;                                          \
+        int was = j < n_old && old[j] == (first) + i;                                        \
         j += was;                                                                            \
-        pos[c] = first + i;                                                                  \
+        pos[c] = (first) + i;                                                                \
         seed[c] = b;                                                                         \
-        x[i] = keep ? a : b;                                                                 \
+        (x)[i] = keep ? a : b;                                                               \
         diff += keep & (a != b);                                                             \
         both += keep & was;                                                                  \
         bad += keep & NONFINITE_##BITS(a);                                                   \
         c += keep;                                                                           \
     }
-
-#define NONFINITE_32(u) (((u) & 0x7f800000u) == 0x7f800000u)
-#define NONFINITE_16(u) (((u) & 0x7f80u) == 0x7f80u)
-#define NONFINITE_64(u) (((u) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
 
 #ifdef __AVX512F__
 #define TOP_BRACKET16(LOAD16)                                                                \
@@ -788,10 +792,10 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
 /* entries i.. of x and x0 (U's; positions first + i; to `end`), 16 at once: their distances
  * d16 (at i) kept above tau (and above 0), then ties at tau while `need` lasts, x set to x0
  * elsewhere (MOVE: KEEP_MOVE_* for the keep mask km); the kept positions and x0's values
- * there packed at pos + c and seed + c (16 slots written). TRACK() sets om, the block's
- * positions in the old kept set, COUNT() counts what MOVE loaded (NOTHING: neither). */
-#define NOTHING()
-#define KEEP16(end, d16, x, x0, first, MOVE, TRACK, COUNT)                                   \
+ * there packed at pos + c and seed + c (16 slots written); om: the block's positions in the
+ * old kept set (old[j] on, ascending), COUNT() the churn and non-finite counts of what MOVE
+ * loaded (KEEP_COUNT_*). */
+#define KEEP16(end, d16, x, x0, first, MOVE, COUNT)                                          \
     const __m512 vt = _mm512_set1_ps(tau), zero = _mm512_setzero_ps();                       \
     for (; i + 16 <= (end); i += 16) {                                                       \
         __m512 d = d16;                                                                      \
@@ -802,7 +806,8 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
             km |= ties;                                                                      \
             need -= __builtin_popcount(ties);                                                \
         }                                                                                    \
-        TRACK()                                                                              \
+        __mmask16 om = 0;                                                                    \
+        for (; j < n_old && old[j] < (first) + i + 16; j++) om |= (__mmask16)(1u << (old[j] - (first) - i)); \
         U *at = (x) + i;                                                                     \
         const U *at0 = (x0) + i;                                                             \
         if (!km) { /* none kept (most blocks at small budgets): x0's 16 back */              \
@@ -814,19 +819,15 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
         store_run16(pos + c, (first) + i, km);                                               \
         c += __builtin_popcount(km);                                                         \
     }
-/* dst_top_*'s TRACK: the old kept positions in this block (old[j] on, ascending) */
-#define TOP_TRACK()                                                                          \
-    __mmask16 om = 0;                                                                        \
-    for (; j < n_old && old[j] < first + i + 16; j++) om |= (__mmask16)(1u << (old[j] - first - i));
-#define TOP_COUNT_32()                                                                       \
+#define KEEP_COUNT_32()                                                                       \
     both += __builtin_popcount(km & om);                                                     \
     bad += __builtin_popcount(km & _mm512_cmpeq_epi32_mask(                                  \
         _mm512_and_si512(a, _mm512_set1_epi32(0x7f800000)), _mm512_set1_epi32(0x7f800000)));
 #define TOP_KEEP16(LOAD16, MOVE, COUNT) \
-    KEEP16(n, dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind), x, x0, first, MOVE, TOP_TRACK, COUNT)
+    KEEP16(n, dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind), x, x0, first, MOVE, COUNT)
 #define TOP_BRACKET_F32 TOP_BRACKET16(LOAD16_U32)
 #define TOP_BRACKET_BF16 TOP_BRACKET16(load16_bf16)
-#define TOP_KEEP_F32 TOP_KEEP16(LOAD16_U32, KEEP_MOVE_32, TOP_COUNT_32)
+#define TOP_KEEP_F32 TOP_KEEP16(LOAD16_U32, KEEP_MOVE_32, KEEP_COUNT_32)
 #else
 #define TOP_BRACKET_F32
 #define TOP_BRACKET_BF16
@@ -839,11 +840,11 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
     diff += __builtin_popcount(km & _mm256_cmpneq_epi16_mask(a, b));                         \
     _mm256_storeu_si256((__m256i *)(seed + c),                                               \
                         _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(km, _mm512_cvtepu16_epi32(b))));
-#define TOP_COUNT_16()                                                                       \
+#define KEEP_COUNT_16()                                                                       \
     both += __builtin_popcount(km & om);                                                     \
     bad += __builtin_popcount(km & _mm256_cmpeq_epi16_mask(                                  \
         _mm256_and_si256(a, _mm256_set1_epi16(0x7f80)), _mm256_set1_epi16(0x7f80)));
-#define TOP_KEEP_BF16 TOP_KEEP16(load16_bf16, KEEP_MOVE_16, TOP_COUNT_16)
+#define TOP_KEEP_BF16 TOP_KEEP16(load16_bf16, KEEP_MOVE_16, KEEP_COUNT_16)
 #else
 #define TOP_KEEP_BF16
 #endif
@@ -870,7 +871,7 @@ static inline __mmask16 first_bits(__mmask16 m, int64_t need) {
         typedef D DV;                                                                        \
         int64_t c = 0, diff = 0, both = 0, bad = 0, i = 0, j = 0;                            \
         FAST_KEEP                                                                            \
-        for (; i < n; i++) TOP_ONE(LOAD, DIST, BITS)                                         \
+        for (; i < n; i++) KEEP1(DIST(LOAD(a), LOAD(b), kind), x, x0, first, BITS)         \
         *differ = diff;                                                                      \
         *both_out = both;                                                                    \
         *bad_out = bad;                                                                      \
@@ -988,22 +989,6 @@ TOP(f64, double, double, 64, f64)
  * (pos, seed: room sum(k) + 16), sets x to x0 elsewhere (bits moved) and counts the kept values
  * that differ from x0 (*differ). hint[r] becomes this step's k-th largest. Returns how many are
  * kept. */
-#define ROW_ONE(U, BITS)                                                                     \
-    {                                                                                        \
-        DV w = dbuf[i];                                                                      \
-        TIE_RULE(w)                                                                          \
-        U a = xr[i], b = x0r[i];                                                             \
-        int was = j < n_old && old[j] == base + i;                                           \
-        j += was;                                                                            \
-        pos[c] = base + i;                                                                   \
-        seed[c] = b;                                                                         \
-        xr[i] = keep ? a : b;                                                                \
-        diff += keep & (a != b);                                                             \
-        both += keep & was;                                                                  \
-        bad += keep & NONFINITE_##BITS(a);                                                   \
-        c += keep;                                                                           \
-    }
-
 #ifdef __AVX512F__
 #define ROWS_GATHER16(LOAD16)                                                                \
     const __m512 vp = _mm512_set1_ps(p);                                                     \
@@ -1014,19 +999,15 @@ TOP(f64, double, double, 64, f64)
         _mm512_storeu_ps(cbuf + nc, _mm512_maskz_compress_ps(mk, d));                        \
         nc += __builtin_popcount(mk);                                                        \
     }
-/* dst_rows_*'s TRACK (as dst_top_*'s, positions base + i) */
-#define ROWS_TRACK()                                                                         \
-    __mmask16 om = 0;                                                                        \
-    for (; j < n_old && old[j] < base + i + 16; j++) om |= (__mmask16)(1u << (old[j] - base - i));
-#define ROWS_KEEP16(MOVE, COUNT) KEEP16(m, _mm512_loadu_ps(dbuf + i), xr, x0r, base, MOVE, ROWS_TRACK, COUNT)
-#define ROWS_FAST_F32 ROWS_KEEP16(KEEP_MOVE_32, TOP_COUNT_32)
+#define ROWS_KEEP16(MOVE, COUNT) KEEP16(m, _mm512_loadu_ps(dbuf + i), xr, x0r, base, MOVE, COUNT)
+#define ROWS_FAST_F32 ROWS_KEEP16(KEEP_MOVE_32, KEEP_COUNT_32)
 #define ROWS_GATHER_F32 ROWS_GATHER16(load16_f32)
 #else
 #define ROWS_FAST_F32
 #define ROWS_GATHER_F32
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define ROWS_FAST_BF16 ROWS_KEEP16(KEEP_MOVE_16, TOP_COUNT_16)
+#define ROWS_FAST_BF16 ROWS_KEEP16(KEEP_MOVE_16, KEEP_COUNT_16)
 #define ROWS_GATHER_BF16 ROWS_GATHER16(load16_bf16)
 #else
 #define ROWS_FAST_BF16
@@ -1070,7 +1051,7 @@ TOP(f64, double, double, 64, f64)
             hint[r] = tau;                                                                   \
             i = 0;                                                                           \
             FAST                                                                             \
-            for (; i < m; i++) ROW_ONE(U, BITS)                                              \
+            for (; i < m; i++) KEEP1(dbuf[i], xr, x0r, base, BITS)                          \
         }                                                                                    \
         *differ = diff;                                                                      \
         counts[0] = both;                                                                    \
@@ -1313,6 +1294,7 @@ MANY(f64, double, double, 64)
         typedef uint##BITS##_t U;                                                            \
         restore_##BITS((U *)x0[t], old_idx[t], old_seed[t], n_old[t]);                       \
         int64_t m = n[t], *p = pos + off[t], *o = out + 2 * t, differ = 0, kept;             \
+        int64_t unused[2]; /* dst_top_*'s and dst_rows_*'s churn counts: no old kept set here */ \
         D *v = val + off[t];                                                                 \
         T *s = seed + off[t];                                                                \
         if (has_floor || K >= m) {                                                           \
@@ -1327,7 +1309,6 @@ MANY(f64, double, double, 64)
         }                                                                                    \
         const int64_t *sp = spec + 4 * t;                                                    \
         if (sp[0] > 0) {                                                                     \
-            int64_t unused[2];                                                               \
             kept = dst_top_##SUF(x[t], x0[t], m, kind, sp[0], sp[1], sp[2], sp[3], (D *)sc[0], \
                                  (D *)sc[1], (D *)sc[2], (D *)sc[3], p, s, &differ, NULL, 0, unused); \
             if (kept < 0) {                                                                  \
@@ -1337,7 +1318,6 @@ MANY(f64, double, double, 64)
         } else {                                                                             \
             int64_t starts[2] = {0, m}, k = K;                                               \
             D hint = 0;                                                                      \
-            int64_t unused[2];                                                               \
             if ((kept = dst_rows_##SUF(x[t], x0[t], 1, starts, &k, kind, &hint, p, (U *)s, &differ, NULL, 0, \
                                        unused)) < 0)                                         \
                 return -1;                                                                   \

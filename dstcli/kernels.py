@@ -429,7 +429,6 @@ class Bucket:
         # each tensor's room for its output: `room` entries, plus 16 per thread + 16 (see offsets)
         self.room = np.zeros(count, dtype=np.int64)
         self.top, self.top_small = (0, 0), (0, 0)  # dst_top_*'s largest (n, s), and under PARALLEL_MIN
-        self.small = max([n for n in sizes if n < PARALLEL_MIN], default=0)
         for t, n in enumerate(sizes):
             if top[t] is not None:
                 self.spec[t] = top[t]
