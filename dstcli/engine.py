@@ -435,6 +435,8 @@ class DST:
                     floor = self._cut_kernels(pool, K)
         if pool.size > K:
             self._cut_kernels(pool, K)
+        elif pool.whole.any():  # every entry above 0 stays: the cut resets the rest, writes positions
+            pool.cut(0.0, 0, 0)
         self._keep_pool_buffers()
         names = list(self.params)
         for n, (idx, seed_vals), differ in zip(names, pool.pack(), pool.differ.tolist()):
@@ -461,12 +463,13 @@ class DST:
         """Add consecutive tensors' shares to a kernels.Pool in one call (kernels.pool_many;
         `views`: their snapshots), a tensor whose sample misled through _global_share."""
         b = self._many_plan(names)
-        bufs, off, out = kernels.pool_many(b, params, views, [before[n] for n in names],
-                                           [self.kept[n].seed_vals for n in names], self.distance, floor, K, self._work)
+        bufs, off, out, whole = kernels.pool_many(b, params, views, [before[n] for n in names],
+                                                  [self.kept[n].seed_vals for n in names], self.distance, floor, K,
+                                                  self._work)
         at = 0
         for t in [*np.flatnonzero(out[:, 0] < 0), len(names)]:  # the sample misled (rare): the torch path
             if t > at:
-                pool.add(params[at:t], *bufs, off[at:t], out[at:t, 0], out[at:t, 1])
+                pool.add(params[at:t], *bufs, off[at:t], out[at:t, 0], out[at:t, 1], whole[at:t])
             if t < len(names):
                 n = names[t]
                 vals = self._global_share(n, views[t].view(self.params[n].shape), floor, K)

@@ -26,6 +26,7 @@
  *                 ones above tau stay, then ties at tau while the shared `need` lasts (the pool is
  *                 cut in position order), never a distance <= 0; the others go back to their
  *                 x0 values in x. Compacts the candidates in place, counts the ones that differ.
+ *                 A whole share (every entry, its position implicit) comes out as any other.
  *   dst_cut_many_* dst_cut_* over a pool's parts in one call (on several threads, each part's ties
  *                 at tau budgeted as the shared count would)
  *
@@ -432,12 +433,14 @@ SHARE(bf16, 16, float, bf16_to_f32, dist_f, SHARE16_BF16)
 SHARE(f64, 64, double, bits_f64, dist_d, )
 
 /* dst_cut_<distances>_<bits of x>: branch-free; x is written at every candidate (its own value
- * or x0's), in ascending positions. With AVX-512, 16 candidates at 16 consecutive positions (a
- * share taken whole: the pool's first tensors) and no tie at tau go at once. */
+ * or x0's), in ascending positions. whole: the part is a whole tensor (candidate j is position
+ * j, pos not read: dst_pool_many_*'s shares before the pool has a floor), whose kept positions
+ * are written to pos all the same. With AVX-512, 16 candidates at 16 consecutive positions and
+ * no tie at tau go at once. */
 #define CUT_ONE                                                                              \
     {                                                                                        \
         V v = val[j];                                                                        \
-        int64_t p = pos[j];                                                                  \
+        int64_t p = whole ? j : pos[j];                                                      \
         U s = seed[j], cur = x[p];                                                           \
         TIE_RULE(v)                                                                          \
         x[p] = keep ? cur : s;                                                               \
@@ -451,18 +454,22 @@ SHARE(f64, 64, double, bits_f64, dist_d, )
 #ifdef __AVX512F__
 /* the part of a block of 16 both widths share: the keep mask (0 where the block must go entry by
  * entry: positions not consecutive, or a tie at tau) */
-static inline int cut_block(const int64_t *pos, const float *val, int64_t j, float tau, __mmask16 *keep) {
-    if (pos[j + 15] - pos[j] != 15) return 0;
+static inline int cut_block(const int64_t *pos, const float *val, int64_t j, float tau, int whole, __mmask16 *keep) {
+    if (!whole && pos[j + 15] - pos[j] != 15) return 0;
     __m512 v = _mm512_loadu_ps(val + j);
     if (_mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_EQ_OQ)) return 0;
     *keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_GT_OQ) & _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
     return 1;
 }
 
-static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, __mmask16 m) {
-    __m512i p0 = _mm512_loadu_si512((const void *)(pos + j)), p1 = _mm512_loadu_si512((const void *)(pos + j + 8));
+static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, int whole, __mmask16 m) {
     _mm512_storeu_ps(val + k, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(val + j)));
-    store_pos16(pos + k, p0, p1, m);  /* both loaded first: the store may overwrite them */
+    if (whole) {
+        store_run16(pos + k, j, m);
+    } else {
+        __m512i p0 = _mm512_loadu_si512((const void *)(pos + j)), p1 = _mm512_loadu_si512((const void *)(pos + j + 8));
+        store_pos16(pos + k, p0, p1, m);  /* both loaded first: the store may overwrite them */
+    }
     return k + __builtin_popcount(m);
 }
 
@@ -471,14 +478,14 @@ static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, _
 #define FAST_CUT(MOVE)                                                                       \
     for (; j + 16 <= c; j += 16) {                                                           \
         __mmask16 m;                                                                         \
-        if (!cut_block(pos, val, j, tau, &m)) {                                              \
+        if (!cut_block(pos, val, j, tau, whole, &m)) {                                       \
             for (int64_t e = j + 16; j < e; j++) CUT_ONE                                     \
             j -= 16;                                                                         \
             continue;                                                                        \
         }                                                                                    \
-        U *at = x + pos[j];                                                                  \
+        U *at = x + (whole ? j : pos[j]);                                                    \
         MOVE                                                                                 \
-        k = cut_pack(pos, val, j, k, m);                                                     \
+        k = cut_pack(pos, val, j, k, whole, m);                                              \
     }
 #define MOVE_32                                                                              \
     __m512i s = _mm512_loadu_si512((const void *)(seed + j));                                \
@@ -505,7 +512,7 @@ static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, _
 
 #define CUT(SUF, D, BITS, FAST)                                                              \
     int64_t dst_cut_##SUF##_##BITS(uint##BITS##_t *x, int64_t *pos, uint##BITS##_t *seed, D *val, \
-                                   int64_t c, D tau, int64_t *need_io, int64_t *differ) {    \
+                                   int64_t c, D tau, int64_t *need_io, int64_t *differ, int whole) { \
         typedef uint##BITS##_t U;                                                            \
         typedef D V;                                                                         \
         int64_t k = 0, j = 0, need = *need_io, diff = 0;                                     \
@@ -527,18 +534,21 @@ CUT(f64, double, 64, )
  * go to several threads: where every tie at tau fits (all_fit: the pool holds no more values
  * equal to tau than fit) each part keeps all of its own; otherwise each part's ties are counted
  * first and it gets what the parts before it leave (min(its ties, what is left)), which is what
- * the shared counter would give it. kept[p], differ[p]: each part's dst_cut_*. Returns -1 where
- * memory ran out (nothing done), else 0. */
+ * the shared counter would give it. kept[p], differ[p]: each part's dst_cut_*; whole[p] (NULL:
+ * none): the part is a whole tensor (see dst_cut_*). Returns -1 where memory ran out (nothing
+ * done), else 0. */
 #define CUT_MANY(SUF, D, BITS)                                                               \
     int dst_cut_many_##SUF##_##BITS(int64_t n, uint##BITS##_t *const *x, int64_t *const *pos, \
                                     uint##BITS##_t *const *seed, D *const *val, const int64_t *count, \
-                                    D tau, int64_t *need_io, int all_fit, int64_t *kept, int64_t *differ) { \
+                                    D tau, int64_t *need_io, int all_fit, const int64_t *whole, \
+                                    int64_t *kept, int64_t *differ) {                        \
         int64_t total = 0;                                                                   \
         for (int64_t p = 0; p < n; p++) total += count[p];                                   \
         int runs = threads_for(total, n);                                                    \
         if (runs == 1) {                                                                     \
             for (int64_t p = 0; p < n; p++)                                                  \
-                kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, need_io, &differ[p]); \
+                kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, need_io, &differ[p], \
+                                                 whole && whole[p]);                         \
             return 0;                                                                        \
         }                                                                                    \
         int64_t *share = malloc((size_t)n * sizeof(int64_t)), used = 0;                      \
@@ -560,7 +570,8 @@ CUT(f64, double, 64, )
         PARALLEL_FOR_DYNAMIC_SUM                                                             \
         for (int64_t p = 0; p < n; p++) {                                                    \
             int64_t need = share[p];                                                         \
-            kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, &need, &differ[p]); \
+            kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, &need, &differ[p], \
+                                             whole && whole[p]);                             \
             used += share[p] - need;                                                         \
         }                                                                                    \
         free(share);                                                                         \
@@ -1277,14 +1288,17 @@ MANY(f64, double, double, 64)
 
 /* dst_pool_many_*: the global silo's share of each tensor of a bucket after its optimizer step
  * (engine._step_global_many), as engine._global_share takes it: x0[t] gets old_seed[t] back at
- * old_idx[t] (the seed again), then the entries above the pool's floor (has_floor; else above
- * 0, where K >= n[t]), if at most K (dst_share_*), else the tensor's own top-K (dst_top_* where
- * spec[4t] > 0, as dst_many_*; else dst_rows_* over one row); the rest of x[t] goes back to the
- * seed. Tensor t's kept positions, seed values and distances are written from off[t] on
- * (ascending; room: min(n[t], dst_threads() * K) + 16 * dst_threads() + 16 from PARALLEL_MIN
- * entries on, else min(n[t], K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many (-1:
- * dst_top_*'s sample misled, x[t] as the share left it - its top-K untouched - and x0[t] the
- * seed), how many differ from the seed. Tensors under PARALLEL_MIN entries a thread each, as
+ * old_idx[t] (the seed again). Without a floor yet (has_floor 0), a tensor of at most K entries
+ * is taken whole: every entry's distance and seed value, no position written and nothing reset
+ * (out: n[t] and 0; the pool's next cut, told the part is whole, resets and counts: see
+ * dst_cut_*), 8 bytes an entry where a share writes 16. Otherwise the entries above the pool's
+ * floor, if at most K (dst_share_*), else the tensor's own top-K (dst_top_* where spec[4t] > 0,
+ * as dst_many_*; else dst_rows_* over one row); the rest of x[t] goes back to the seed. Tensor
+ * t's kept positions, seed values and distances are written from off[t] on (ascending; room:
+ * min(n[t], dst_threads() * K) + 16 * dst_threads() + 16 from PARALLEL_MIN entries on, else
+ * min(n[t], K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many (-1: dst_top_*'s sample
+ * misled, x[t] as the share left it - its top-K untouched - and x0[t] the seed), how many differ
+ * from the seed. Tensors under PARALLEL_MIN entries a thread each, as
  * dst_many_* (scratch: sets of 4 pointers). Returns 0, -1 where memory ran out. */
 #define POOL_MANY(SUF, T, D, BITS, LOAD, DIST)                                               \
     static int pool_one_##SUF(int64_t t, void **sc, T **x, T **x0, const int64_t *n, const int64_t *spec, \
@@ -1297,10 +1311,21 @@ MANY(f64, double, double, 64)
         int64_t unused[2]; /* dst_top_*'s and dst_rows_*'s churn counts: no old kept set here */ \
         D *v = val + off[t];                                                                 \
         T *s = seed + off[t];                                                                \
-        if (has_floor || K >= m) {                                                           \
+        if (!has_floor && K >= m) { /* all of it: the distances and the seed, nothing reset */ \
+            int runs = threads_for(m, m >> 16);                                              \
+            PARALLEL_FOR                                                                     \
+            for (int r = 0; r < runs; r++) {                                                 \
+                int64_t a = m / runs * r, b = r == runs - 1 ? m : m / runs * (r + 1);        \
+                dst_distance_##SUF(x[t] + a, x0[t] + a, b - a, kind, v + a);                 \
+                memcpy(s + a, x0[t] + a, (size_t)(b - a) * sizeof(T));                       \
+            }                                                                                \
+            o[0] = m;                                                                        \
+            o[1] = 0;                                                                        \
+            return 0;                                                                        \
+        }                                                                                    \
+        if (has_floor) {                                                                     \
             int64_t cap = K < m ? K : m;                                                     \
-            kept = dst_share_##SUF((U *)x[t], (const U *)x0[t], m, kind, has_floor ? floor : 0, 1, p, v, \
-                                   (U *)s, cap, &differ);                                    \
+            kept = dst_share_##SUF((U *)x[t], (const U *)x0[t], m, kind, floor, 1, p, v, (U *)s, cap, &differ); \
             if (kept <= cap) {                                                               \
                 o[0] = kept;                                                                 \
                 o[1] = differ;                                                               \
@@ -1341,7 +1366,7 @@ POOL_MANY(f32, float, float, 32, AS_IS, dist_f)
 POOL_MANY(bf16, uint16_t, float, 16, AS_BF16, dist_f)
 POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
 
-/* dst_kth_parts_*: select.kth_largest over n parts (val[p]: count[p] positive values; the parts
+/* dst_kth_parts_*: select.kth_largest over n parts (val[p]: count[p] values >= 0; the parts
  * taken together in order, more than k values in all) with a sample of every stride-th value
  * (as if the parts were one array) bracketing the k-th largest between its j_lo-th and j_hi-th
  * largest, as dst_top_* does: *tau, how many of the k largest equal it (*need) and how many

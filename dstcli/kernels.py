@@ -165,7 +165,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = None, [I, P, P, P, P, P, P, P, C, P]
     for suf, real, bits in (("f32", F, "16"), ("f32", F, "32"), ("f64", D, "16"), ("f64", D, "32"), ("f64", D, "64")):
         f = getattr(lib, f"dst_cut_many_{suf}_{bits}")
-        f.restype, f.argtypes = C, [I, P, P, P, P, P, real, P, C, P, P]
+        f.restype, f.argtypes = C, [I, P, P, P, P, P, real, P, C, P, P, P]
     return lib
 
 
@@ -522,20 +522,23 @@ def many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list
 
 def pool_many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
               old_seed: list[torch.Tensor], kind: str, floor: float | None, K: int,
-              work: dict | None = None) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+              work: dict | None = None) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray, np.ndarray]:
     """The global silo's shares of a bucket's tensors in one call (b: Bucket(..., pool=K)): x0[t]
-    made the seed as in `many`, then what `share` with the pool's floor (strict; 0 without one,
-    where K >= the tensor's entries) takes, capped at K, else the tensor's own top-K; the rest of
-    x[t] back to the seed. Returns the kept positions, seed values and distances (float32, float64
-    for float64 tensors), and per tensor (kept, differ): how many (-1: the sample misled,
-    x[t]'s top-K untouched and x0[t] its seed: the caller takes the other path) and how many of
-    those differ from the seed bit for bit. They come as buffers (positions, seed values,
-    distances) with each tensor's at its offset, for Pool.add: `b.bufs`, allocated where None
-    and written again by its next call (Pool.pack copies what must last)."""
+    made the seed as in `many`, then, without a floor, a tensor of at most K entries whole (every
+    entry's distance and seed value, nothing reset: see Pool), else what `share` with the pool's
+    floor (strict) takes, capped at K, else the tensor's own top-K; the rest of x[t] back to the
+    seed. Returns the kept positions (not written for a whole tensor), seed values and distances
+    (float32, float64 for float64 tensors), per tensor (kept, differ): how many (-1: the sample
+    misled, x[t]'s top-K untouched and x0[t] its seed: the caller takes the other path) and how
+    many of those differ from the seed bit for bit (0 for a whole tensor, counted by the cut),
+    and which tensors were taken whole (1, else 0). The first three come as buffers with each
+    tensor's part at its offset, for Pool.add: `b.bufs`, allocated where None and written again
+    by its next call (Pool.pack copies what must last)."""
     (pos, val, seed), off, out = _bucket_call("dst_pool_many", b, x, x0, old_idx, old_seed, kind, work, (),
                                               (0.0 if floor is None else floor, int(floor is not None), K),
                                               [torch.long, _WIDE[b.dtype], b.dtype], 2, reuse=True)
-    return [pos, seed, val], off[:-1], out
+    whole = ((b.n <= K) if floor is None else np.zeros(b.count, dtype=bool)).astype(np.int64)
+    return [pos, seed, val], off[:-1], out, whole
 
 
 def churn(kept: list[torch.Tensor], old: list[torch.Tensor], x: list[torch.Tensor], work: dict) -> tuple[int, int]:
@@ -570,14 +573,16 @@ class Pool:
     tensor's share each, in the tensors' order) as the addresses of the tensor, of the share's
     kept positions, seed values and distances, and how many each holds; the buffers behind them
     in blocks (pos, seed, val tensors, the first part, how many parts, each part's offset in
-    them). A cut compacts each part in place. The buffers are pool_many's, which its Bucket
-    holds through the step anyway (see engine._keep_pool_buffers), so a cut does not pack them
-    into smaller ones: that only added memory and time."""
+    them). A part may be whole (a tensor's every entry, as pool_many takes one before the pool
+    has a floor: its positions not written, nothing reset, its distances of 0 included) until a
+    cut, which compacts each part in place and leaves none whole. The buffers are pool_many's,
+    which its Bucket holds through the step anyway (see engine._keep_pool_buffers), so a cut
+    does not pack them into smaller ones: that only added memory and time."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
         self.ptrs = np.empty((0, 4), dtype=np.uint64)  # x, pos, seed, val
-        self.count, self.differ, self.off = (np.empty(0, dtype=np.int64) for _ in range(3))
+        self.count, self.differ, self.off, self.whole = (np.empty(0, dtype=np.int64) for _ in range(4))
         self.blocks: list[list] = []
 
     @property
@@ -585,9 +590,9 @@ class Pool:
         return int(self.count.sum())
 
     def add(self, x: list[torch.Tensor], pos: torch.Tensor, seed: torch.Tensor, val: torch.Tensor, off: np.ndarray,
-            count: np.ndarray, differ: np.ndarray) -> None:
+            count: np.ndarray, differ: np.ndarray, whole: np.ndarray | None = None) -> None:
         """A block's parts: x[t]'s share at off[t] in pos, seed and val (count[t] entries, differ[t]
-        of them different from the seed)."""
+        of them different from the seed; whole[t]: taken whole, see the class)."""
         off = np.asarray(off, dtype=np.int64)
         ptrs = np.empty((len(x), 4), dtype=np.uint64)
         ptrs[:, 0] = [t.data_ptr() for t in x]
@@ -595,8 +600,10 @@ class Pool:
             ptrs[:, c] = buf.data_ptr() + off * buf.element_size()
         self.blocks.append([pos, seed, val, len(self.count), len(x)])
         self.ptrs = np.concatenate([self.ptrs, ptrs])
-        self.count, self.differ, self.off = (np.concatenate([a, np.asarray(b, dtype=np.int64)])
-                                             for a, b in ((self.count, count), (self.differ, differ), (self.off, off)))
+        whole = np.zeros(len(x), dtype=np.int64) if whole is None else whole
+        self.count, self.differ, self.off, self.whole = (
+            np.concatenate([a, np.asarray(b, dtype=np.int64)])
+            for a, b in ((self.count, count), (self.differ, differ), (self.off, off), (self.whole, whole)))
 
     def values(self) -> list[np.ndarray]:
         """Each part's distances (NumPy views)."""
@@ -607,7 +614,8 @@ class Pool:
 
     def pack(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each part's kept positions and seed values, copied into two buffers of their size (so
-        that the blocks' buffers may be reused: see pool_many)."""
+        that the blocks' buffers may be reused: see pool_many). No part may be whole."""
+        assert not self.whole.any(), "a whole part must be cut first"
         cols = []
         for c, dtype in ((1, torch.long), (2, self.dtype)):
             new = torch.empty(self.size, dtype=dtype)
@@ -648,9 +656,10 @@ class Pool:
         suffix = f"{'f64' if self.dtype == torch.float64 else 'f32'}_{_BITS[torch.empty(0, dtype=self.dtype).element_size()]}"
         if getattr(_state["lib"], f"dst_cut_many_{suffix}")(
                 n, *[c.ctypes.data for c in cols], self.count.ctypes.data, tau, left.ctypes.data, int(ties == need),
-                kept.ctypes.data, differ.ctypes.data):
+                self.whole.ctypes.data, kept.ctypes.data, differ.ctypes.data):
             raise MemoryError("out of memory for the pool cut's tie budgets")
         self.count, self.differ = kept, differ
+        self.whole[:] = 0
 
 
 def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], tau: float,
@@ -676,7 +685,8 @@ def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
         count = np.array([len(p[1]) for p in run], dtype=np.int64)
         kept, differ = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         if getattr(_state["lib"], f"dst_cut_many_{_SUFFIX[kind[0]]}_{_BITS[kind[1]]}")(
-                n, *ptrs, count.ctypes.data, tau, need.ctypes.data, int(all_fit), kept.ctypes.data, differ.ctypes.data):
+                n, *ptrs, count.ctypes.data, tau, need.ctypes.data, int(all_fit), None, kept.ctypes.data,
+                differ.ctypes.data):
             raise MemoryError("out of memory for the pool cut's tie budgets")
         out += zip(kept.tolist(), differ.tolist())
         at = end

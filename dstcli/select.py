@@ -180,13 +180,14 @@ def _kth_inside(inside: np.ndarray, n_above: int, k: int, ties: bool) -> tuple[f
 
 
 def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int, int]:
-    """For positive values in parts (1-D float arrays, taken together in order), more than k in
-    all: the k-th largest, tau, how many of the k largest equal it (the ties at tau that fit:
-    top_indices keeps them from the lowest position) and how many values in all equal it (where
-    the two agree, every tie fits and the order of the parts does not matter). Bracketed by a sample as top_indices
-    (1 in 256, strided through the parts as if they were one array), so apart from the sample one
-    pass over the parts (kernels.bracket where built) collects the values inside the bracket; a
-    sample that misled costs a partition of everything instead."""
+    """For non-negative values in parts (1-D float arrays, taken together in order; a cut never
+    keeps a zero, so tau = 0 keeps every positive value), more than k in all: the k-th largest,
+    tau, how many of the k largest equal it (the ties at tau that fit: top_indices keeps them from
+    the lowest position) and how many values in all equal it (where the two agree, every tie fits
+    and the order of the parts does not matter). Bracketed by a sample as top_indices (1 in 256,
+    strided through the parts as if they were one array), so apart from the sample one pass over
+    the parts (kernels.bracket where built) collects the values inside the bracket; a sample that
+    misled costs a partition of everything instead."""
     m = sum(len(p) for p in parts)
     if m > _SAMPLE:
         stride, j_lo, j_hi = sparse_bracket(m, k)

@@ -281,27 +281,21 @@ def test_many_is_top_and_rows_a_tensor_at_a_time(sizes, dtype, kind, case, seed,
             rw[2][:] = h
 
 
-@given(st.lists(st.integers(0, 30_000), min_size=1, max_size=8), st.sampled_from([torch.float32, torch.float64]),
-       st.sampled_from(["rand", "few"]), st.integers(0, 10_000), st.data())
-@settings(max_examples=80, deadline=None)
-def test_pool_kth_is_kth_largest_over_the_parts(lengths, dtype, case, seed, data):
-    """Pool.kth (dst_kth_parts_*: the sample strided through the parts, the bracket, the k-th
-    largest) gives select.kth_largest's (tau, need, ties) wherever the sample does not mislead;
-    Pool.cut then keeps what top_indices over the parts together keeps."""
+def _check_pool(lengths, dtype, case, seed, K, whole):
+    """Pool.kth against select.kth_largest and Pool.cut against top_indices over the parts
+    together (see the tests below); a whole part's positions are garbage the cut must not read,
+    and some of its distances are 0 (never kept)."""
     g = np.random.default_rng(seed)
     total = sum(lengths)
-    if total < 2:
-        return
     vals = [torch.from_numpy(np.abs(g.standard_normal(n)) + 1e-3) if case == "rand"
             else torch.from_numpy(g.integers(1, 5, n).astype(np.float64)) for n in lengths]
-    vals = [v.to(dtype) for v in vals]
-    K = data.draw(st.integers(1, total - 1))
+    vals = [(v * (torch.arange(len(v)) % 7 != 3) if w else v).to(dtype) for v, w in zip(vals, whole)]
     pool = kernels.Pool(dtype)
     x = [torch.zeros(max(n, 1), dtype=dtype) for n in lengths]
-    pos = [torch.arange(n) for n in lengths]
+    pos = [torch.full((n,), -(1 << 40)) if w else torch.arange(n) for n, w in zip(lengths, whole)]
     seed_vals = [torch.zeros(n, dtype=dtype) for n in lengths]
-    for a, p, sv, v, n in zip(x, pos, seed_vals, vals, lengths):
-        pool.add([a], p, sv, v, [0], [n], [0])
+    for a, p, sv, v, n, w in zip(x, pos, seed_vals, vals, lengths, whole):
+        pool.add([a], p, sv, v, [0], [n], [0], [int(w)])
     for a, v in zip(x, vals):  # x holds its values at the candidates; a cut sets the rest to the seed (0)
         a[:len(v)] = v
     kernels.lib()
@@ -314,6 +308,7 @@ def test_pool_kth_is_kth_largest_over_the_parts(lengths, dtype, case, seed, data
     keep = top_indices(torch.cat(vals), K)  # before the cut, which compacts vals in place
     vals = [v.clone() for v in vals]
     pool.cut(*got)
+    assert not pool.whole.any()
     starts = np.cumsum([0, *lengths])
     for i, (a, (p, _)) in enumerate(zip(x, pool.pack())):
         mine = keep[(keep >= int(starts[i])) & (keep < int(starts[i + 1]))] - int(starts[i])
@@ -321,6 +316,29 @@ def test_pool_kth_is_kth_largest_over_the_parts(lengths, dtype, case, seed, data
         expect = torch.zeros_like(a)
         expect[mine] = vals[i][mine]
         assert torch.equal(a, expect)
+
+
+@given(st.lists(st.integers(0, 30_000), min_size=1, max_size=8), st.sampled_from([torch.float32, torch.float64]),
+       st.sampled_from(["rand", "few"]), st.integers(0, 10_000), st.data())
+@settings(max_examples=80, deadline=None)
+def test_pool_kth_is_kth_largest_over_the_parts(lengths, dtype, case, seed, data):
+    """Pool.kth (dst_kth_parts_*: the sample strided through the parts, the bracket, the k-th
+    largest) gives select.kth_largest's (tau, need, ties) wherever the sample does not mislead;
+    Pool.cut then keeps what top_indices over the parts together keeps, whole parts (every entry
+    of a tensor, positions implicit, zeros among the distances) or not."""
+    if sum(lengths) < 2:
+        return
+    whole = data.draw(st.lists(st.booleans(), min_size=len(lengths), max_size=len(lengths)))
+    _check_pool(lengths, dtype, case, seed, data.draw(st.integers(1, sum(lengths) - 1)), whole)
+
+
+@pytest.mark.parametrize("case", ["rand", "few"])
+def test_pool_cut_of_whole_parts_on_threads(case):
+    """The same from PARALLEL_MIN entries on, where Pool.cut goes on several threads: whole parts
+    and parts of candidates mixed, with four distinct values ("few") the ties at tau do not all
+    fit and each part gets what the parts before it leave."""
+    for _ in threads():
+        _check_pool([150_000, 70_001, 20_000, 90_000], torch.float32, case, 5, 100_000, [True, False, True, True])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -667,12 +685,13 @@ def test_pool_many_writes_within_each_tensors_room(floor):
         b.bufs = [torch.full((int(off[-1]) + guard,), -7, dtype=dt) for dt in (torch.long, torch.float32, torch.float32)]
         x = [v.clone() for v in xs]
         none = torch.empty(0, dtype=torch.long)
-        _, _, out = kernels.pool_many(b, x, [v.clone() for v in x0s], [none] * 3, [torch.empty(0)] * 3, "absolute",
-                                      lo, K, {})
+        _, _, out, whole = kernels.pool_many(b, x, [v.clone() for v in x0s], [none] * 3, [torch.empty(0)] * 3,
+                                             "absolute", lo, K, {})
         assert all(bool((buf[int(off[-1]):] == -7).all()) for buf in b.bufs)
         for i, n in enumerate(sizes):
             above = int((d[i] > (lo or 0)).sum())
-            assert out[i, 0] == (above if above <= K or lo is None and n <= K else K)
+            assert whole[i] == (lo is None and n <= K)  # no floor: a tensor of at most K entries whole
+            assert out[i, 0] == (n if whole[i] else above if above <= K else K)
             assert out[i, 0] <= off[i + 1] - off[i]
 
 
