@@ -432,14 +432,17 @@ class DST:
                 self._pool_share(pool, names[at:end], params[at:end], views[at:end], before, floor, K)
                 at = end
                 if pool.size > POOL_CUT * K:
-                    floor = self._cut_kernels(pool, K)
-        if pool.size > K:
-            self._cut_kernels(pool, K)
+                    floor, need, ties = self._pool_tau(pool, K)
+                    pool.cut(floor, need, ties)
+        if pool.size > K:  # the last cut writes the kept sets
+            kept = pool.cut(*self._pool_tau(pool, K), last=K)
         elif pool.whole.any():  # every entry above 0 stays: the cut resets the rest, writes positions
-            pool.cut(0.0, 0, 0)
+            kept = pool.cut(0.0, 0, 0, last=K)
+        else:
+            kept = pool.pack()
         self._keep_pool_buffers()
         names = list(self.params)
-        for n, (idx, seed_vals), differ in zip(names, pool.pack(), pool.differ.tolist()):
+        for n, (idx, seed_vals), differ in zip(names, kept, pool.differ.tolist()):
             self.kept[n], self._nonseed[n] = _Kept(idx, seed_vals), differ
         both, self._nonfinite["all"] = kernels.churn([self.kept[n].idx for n in names], [before[n] for n in names],
                                                      self._flat(tuple(names)), self._work)
@@ -493,12 +496,11 @@ class DST:
             self._many_plans[key] = ends + [len(names)]
         return self._many_plans[key]
 
-    def _cut_kernels(self, pool: kernels.Pool, K: int) -> float:
-        """Cut a kernels.Pool to its top-K (ties to the lower position); return its K-th largest."""
+    def _pool_tau(self, pool: kernels.Pool, K: int) -> tuple[float, int, int]:
+        """Where to cut a kernels.Pool to its top-K (ties to the lower position): its K-th largest,
+        how many of the K largest equal it, how many in all do (Pool.kth, else kth_largest)."""
         got = pool.kth(K, *sparse_bracket(pool.size, K), self._work.setdefault("cut", {}))
-        tau, need, ties = got if got is not None else kth_largest(pool.values(), K)
-        pool.cut(tau, need, ties)
-        return tau
+        return got if got is not None else kth_largest(pool.values(), K)
 
     def _snapshot_step(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer):
         """Copy a bucket's tensors into the scratch, then step its optimizer; returns the tensors

@@ -433,10 +433,11 @@ SHARE(bf16, 16, float, bf16_to_f32, dist_f, SHARE16_BF16)
 SHARE(f64, 64, double, bits_f64, dist_d, )
 
 /* dst_cut_<distances>_<bits of x>: branch-free; x is written at every candidate (its own value
- * or x0's), in ascending positions. whole: the part is a whole tensor (candidate j is position
- * j, pos not read: dst_pool_many_*'s shares before the pool has a floor), whose kept positions
- * are written to pos all the same. With AVX-512, 16 candidates at 16 consecutive positions and
- * no tie at tau go at once. */
+ * or x0's), in ascending positions. The kept positions and seed values go to kpos and kseed
+ * (pos and seed: in place), nothing at or past slot lim (which may be their end), the distances
+ * in place. whole: the part is a whole tensor (candidate j is position j, pos not read:
+ * dst_pool_many_*'s shares before the pool has a floor). With AVX-512, 16 candidates at 16
+ * consecutive positions and no tie at tau go at once. */
 #define CUT_ONE                                                                              \
     {                                                                                        \
         V v = val[j];                                                                        \
@@ -444,8 +445,9 @@ SHARE(f64, 64, double, bits_f64, dist_d, )
         U s = seed[j], cur = x[p];                                                           \
         TIE_RULE(v)                                                                          \
         x[p] = keep ? cur : s;                                                               \
-        pos[k] = p;                                                                          \
-        seed[k] = s;                                                                         \
+        int inside = k < lim;                                                                \
+        *(inside ? kpos + k : &sink_pos) = p;                                                \
+        *(inside ? kseed + k : &sink_seed) = s;                                              \
         val[k] = v;                                                                          \
         diff += keep & (cur != s);                                                           \
         k += keep;                                                                           \
@@ -462,37 +464,38 @@ static inline int cut_block(const int64_t *pos, const float *val, int64_t j, flo
     return 1;
 }
 
-static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, int whole, __mmask16 m) {
+static inline int64_t cut_pack(const int64_t *pos, int64_t *kpos, float *val, int64_t j, int64_t k, int whole,
+                               __mmask16 m) {
     _mm512_storeu_ps(val + k, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(val + j)));
     if (whole) {
-        store_run16(pos + k, j, m);
+        store_run16(kpos + k, j, m);
     } else {
         __m512i p0 = _mm512_loadu_si512((const void *)(pos + j)), p1 = _mm512_loadu_si512((const void *)(pos + j + 8));
-        store_pos16(pos + k, p0, p1, m);  /* both loaded first: the store may overwrite them */
+        store_pos16(kpos + k, p0, p1, m);  /* both loaded first: the store may overwrite them */
     }
     return k + __builtin_popcount(m);
 }
 
-/* a block of 16 at once where cut_block allows, else entry by entry; MOVE: x and seed for the
- * block's width (at: x at the block's first position, m: the keep mask) */
+/* a block of 16 at once where cut_block allows and 16 slots fit below lim, else entry by entry;
+ * MOVE: x and seed for the block's width (at: x at the block's first position, m: the keep mask) */
 #define FAST_CUT(MOVE)                                                                       \
     for (; j + 16 <= c; j += 16) {                                                           \
         __mmask16 m;                                                                         \
-        if (!cut_block(pos, val, j, tau, whole, &m)) {                                       \
+        if (k + 16 > lim || !cut_block(pos, val, j, tau, whole, &m)) {                       \
             for (int64_t e = j + 16; j < e; j++) CUT_ONE                                     \
             j -= 16;                                                                         \
             continue;                                                                        \
         }                                                                                    \
         U *at = x + (whole ? j : pos[j]);                                                    \
         MOVE                                                                                 \
-        k = cut_pack(pos, val, j, k, whole, m);                                              \
+        k = cut_pack(pos, kpos, val, j, k, whole, m);                                        \
     }
 #define MOVE_32                                                                              \
     __m512i s = _mm512_loadu_si512((const void *)(seed + j));                                \
     __m512i cur = _mm512_loadu_si512((const void *)at);                                      \
     _mm512_mask_storeu_epi32(at, (__mmask16)~m, s);                                          \
     diff += __builtin_popcount(m & _mm512_cmpneq_epi32_mask(cur, s));                        \
-    _mm512_storeu_si512((void *)(seed + k), _mm512_maskz_compress_epi32(m, s));
+    _mm512_storeu_si512((void *)(kseed + k), _mm512_maskz_compress_epi32(m, s));
 #define FAST_CUT_32 FAST_CUT(MOVE_32)
 #else
 #define FAST_CUT_32
@@ -504,7 +507,7 @@ static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, i
     _mm256_mask_storeu_epi16(at, (__mmask16)~m, s);                                          \
     diff += __builtin_popcount(m & _mm256_cmpneq_epi16_mask(cur, s));                        \
     __m512i s32 = _mm512_maskz_compress_epi32(m, _mm512_cvtepu16_epi32(s));                  \
-    _mm256_storeu_si256((__m256i *)(seed + k), _mm512_cvtepi32_epi16(s32));
+    _mm256_storeu_si256((__m256i *)(kseed + k), _mm512_cvtepi32_epi16(s32));
 #define FAST_CUT_16 FAST_CUT(MOVE_16)
 #else
 #define FAST_CUT_16
@@ -512,10 +515,12 @@ static inline int64_t cut_pack(int64_t *pos, float *val, int64_t j, int64_t k, i
 
 #define CUT(SUF, D, BITS, FAST)                                                              \
     int64_t dst_cut_##SUF##_##BITS(uint##BITS##_t *x, int64_t *pos, uint##BITS##_t *seed, D *val, \
-                                   int64_t c, D tau, int64_t *need_io, int64_t *differ, int whole) { \
+                                   int64_t c, D tau, int64_t *need_io, int64_t *differ, int whole, \
+                                   int64_t *kpos, uint##BITS##_t *kseed, int64_t lim) {      \
         typedef uint##BITS##_t U;                                                            \
         typedef D V;                                                                         \
-        int64_t k = 0, j = 0, need = *need_io, diff = 0;                                     \
+        int64_t k = 0, j = 0, need = *need_io, diff = 0, sink_pos;                           \
+        U sink_seed;                                                                         \
         FAST                                                                                 \
         for (; j < c; j++) CUT_ONE                                                           \
         *need_io = need;                                                                     \
@@ -535,32 +540,48 @@ CUT(f64, double, 64, )
  * equal to tau than fit) each part keeps all of its own; otherwise each part's ties are counted
  * first and it gets what the parts before it leave (min(its ties, what is left)), which is what
  * the shared counter would give it. kept[p], differ[p]: each part's dst_cut_*; whole[p] (NULL:
- * none): the part is a whole tensor (see dst_cut_*). Returns -1 where memory ran out (nothing
- * done), else 0. */
+ * none): the part is a whole tensor (see dst_cut_*). With out_pos (and out_seed; NULL: in
+ * place) the kept positions and seed values of all parts go there one part after the other
+ * (room: how many are kept + 16; the last cut of a step, whose output is the kept sets): on
+ * several threads each part's count is known first (above tau, plus its ties), so each writes at
+ * its own offset and never past it. Returns -1 where memory ran out (nothing done), else 0. */
 #define CUT_MANY(SUF, D, BITS)                                                               \
     int dst_cut_many_##SUF##_##BITS(int64_t n, uint##BITS##_t *const *x, int64_t *const *pos, \
                                     uint##BITS##_t *const *seed, D *const *val, const int64_t *count, \
                                     D tau, int64_t *need_io, int all_fit, const int64_t *whole, \
-                                    int64_t *kept, int64_t *differ) {                        \
-        int64_t total = 0;                                                                   \
+                                    int64_t *kept, int64_t *differ, int64_t *out_pos,          \
+                                    uint##BITS##_t *out_seed) {                              \
+        int64_t total = 0, at = 0;                                                           \
         for (int64_t p = 0; p < n; p++) total += count[p];                                   \
         int runs = threads_for(total, n);                                                    \
         if (runs == 1) {                                                                     \
-            for (int64_t p = 0; p < n; p++)                                                  \
+            for (int64_t p = 0; p < n; p++) {                                                \
+                int64_t *kp = out_pos ? out_pos + at : pos[p];                               \
+                uint##BITS##_t *ks = out_pos ? out_seed + at : seed[p];                      \
                 kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, need_io, &differ[p], \
-                                                 whole && whole[p]);                         \
+                                                 whole && whole[p], kp, ks, INT64_MAX);      \
+                at += kept[p];                                                               \
+            }                                                                                \
             return 0;                                                                        \
         }                                                                                    \
-        int64_t *share = malloc((size_t)n * sizeof(int64_t)), used = 0;                      \
-        if (!share) return -1;                                                               \
-        if (all_fit) {                                                                       \
+        int64_t *share = malloc((size_t)n * sizeof(int64_t)), *above = malloc((size_t)n * sizeof(int64_t)), used = 0; \
+        if (!share || !above) {                                                              \
+            free(share);                                                                     \
+            free(above);                                                                     \
+            return -1;                                                                       \
+        }                                                                                    \
+        if (all_fit && !out_pos) {                                                           \
             for (int64_t p = 0; p < n; p++) share[p] = INT64_MAX;                            \
         } else {                                                                             \
             PARALLEL_FOR_DYNAMIC                                                             \
-            for (int64_t p = 0; p < n; p++) { /* each part's ties at tau */                  \
-                int64_t t = 0;                                                               \
-                for (int64_t j = 0; j < count[p]; j++) t += val[p][j] == tau;                \
+            for (int64_t p = 0; p < n; p++) { /* each part's ties at tau, and above it */    \
+                int64_t t = 0, a = 0;                                                        \
+                for (int64_t j = 0; j < count[p]; j++) {                                     \
+                    t += val[p][j] == tau;                                                   \
+                    a += val[p][j] > tau;                                                    \
+                }                                                                            \
                 share[p] = t;                                                                \
+                above[p] = a;                                                                \
             }                                                                                \
             for (int64_t p = 0, left = *need_io; p < n; p++) {                               \
                 share[p] = share[p] < left ? share[p] : left;                                \
@@ -569,12 +590,20 @@ CUT(f64, double, 64, )
         }                                                                                    \
         PARALLEL_FOR_DYNAMIC_SUM                                                             \
         for (int64_t p = 0; p < n; p++) {                                                    \
-            int64_t need = share[p];                                                         \
+            int64_t need = share[p], lim = INT64_MAX, *kp = pos[p], off = 0;                 \
+            uint##BITS##_t *ks = seed[p];                                                    \
+            if (out_pos) { /* the parts before it keep what is above tau and their ties */   \
+                for (int64_t q = 0; q < p; q++) off += above[q] + (tau > 0 ? share[q] : 0);  \
+                lim = above[p] + (tau > 0 ? share[p] : 0);                                   \
+                kp = out_pos + off;                                                          \
+                ks = out_seed + off;                                                         \
+            }                                                                                \
             kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, &need, &differ[p], \
-                                             whole && whole[p]);                             \
+                                             whole && whole[p], kp, ks, lim);                \
             used += share[p] - need;                                                         \
         }                                                                                    \
         free(share);                                                                         \
+        free(above);                                                                         \
         *need_io -= used;                                                                    \
         return 0;                                                                            \
     }

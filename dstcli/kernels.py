@@ -165,7 +165,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = None, [I, P, P, P, P, P, P, P, C, P]
     for suf, real, bits in (("f32", F, "16"), ("f32", F, "32"), ("f64", D, "16"), ("f64", D, "32"), ("f64", D, "64")):
         f = getattr(lib, f"dst_cut_many_{suf}_{bits}")
-        f.restype, f.argtypes = C, [I, P, P, P, P, P, real, P, C, P, P, P]
+        f.restype, f.argtypes = C, [I, P, P, P, P, P, real, P, C, P, P, P, P, P]
     return lib
 
 
@@ -646,20 +646,31 @@ class Pool:
             return None
         return tau.value, need.value, ties.value
 
-    def cut(self, tau: float, need: int, ties: int) -> None:
+    def cut(self, tau: float, need: int, ties: int, last: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Keep the entries above tau and the first `need` equal to it (in pool order), never a
-        distance <= 0; set the others back to their seed values (dst_cut_many_*)."""
+        distance <= 0; set the others back to their seed values (dst_cut_many_*). The step's last
+        cut (last: at most how many it keeps, the silo's K) writes the kept positions and seed
+        values straight into two buffers of their size, and returns each part's as `pack` does
+        (the pool is not to be cut again); the others compact the parts in place."""
         n = len(self.count)
         cols = [np.ascontiguousarray(self.ptrs[:, c]) for c in range(4)]
         left = np.array([need], dtype=np.int64)
         kept, differ = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         suffix = f"{'f64' if self.dtype == torch.float64 else 'f32'}_{_BITS[torch.empty(0, dtype=self.dtype).element_size()]}"
+        out = None
+        if last is not None:  # room for 16 more: the kernel's last writes go 16 wide
+            out = [torch.empty(min(self.size, last) + 16, dtype=d) for d in (torch.long, self.dtype)]
         if getattr(_state["lib"], f"dst_cut_many_{suffix}")(
                 n, *[c.ctypes.data for c in cols], self.count.ctypes.data, tau, left.ctypes.data, int(ties == need),
-                self.whole.ctypes.data, kept.ctypes.data, differ.ctypes.data):
+                self.whole.ctypes.data, kept.ctypes.data, differ.ctypes.data,
+                *((None, None) if out is None else (t.data_ptr() for t in out))):
             raise MemoryError("out of memory for the pool cut's tie budgets")
         self.count, self.differ = kept, differ
         self.whole[:] = 0
+        if out is None:
+            return None
+        size = self.size
+        return list(zip(*(t[:size].split(self.count.tolist()) for t in out)))
 
 
 def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], tau: float,
@@ -686,7 +697,7 @@ def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
         kept, differ = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         if getattr(_state["lib"], f"dst_cut_many_{_SUFFIX[kind[0]]}_{_BITS[kind[1]]}")(
                 n, *ptrs, count.ctypes.data, tau, need.ctypes.data, int(all_fit), None, kept.ctypes.data,
-                differ.ctypes.data):
+                differ.ctypes.data, None, None):
             raise MemoryError("out of memory for the pool cut's tie budgets")
         out += zip(kept.tolist(), differ.tolist())
         at = end

@@ -281,10 +281,11 @@ def test_many_is_top_and_rows_a_tensor_at_a_time(sizes, dtype, kind, case, seed,
             rw[2][:] = h
 
 
-def _check_pool(lengths, dtype, case, seed, K, whole):
+def _check_pool(lengths, dtype, case, seed, K, whole, last):
     """Pool.kth against select.kth_largest and Pool.cut against top_indices over the parts
     together (see the tests below); a whole part's positions are garbage the cut must not read,
-    and some of its distances are 0 (never kept)."""
+    and some of its distances are 0 (never kept). last: the cut writes the kept sets into new
+    buffers (a step's last cut) instead of compacting the parts in place."""
     g = np.random.default_rng(seed)
     total = sum(lengths)
     vals = [torch.from_numpy(np.abs(g.standard_normal(n)) + 1e-3) if case == "rand"
@@ -293,10 +294,11 @@ def _check_pool(lengths, dtype, case, seed, K, whole):
     pool = kernels.Pool(dtype)
     x = [torch.zeros(max(n, 1), dtype=dtype) for n in lengths]
     pos = [torch.full((n,), -(1 << 40)) if w else torch.arange(n) for n, w in zip(lengths, whole)]
-    seed_vals = [torch.zeros(n, dtype=dtype) for n in lengths]
+    seed_vals = [-1 - torch.arange(n, dtype=dtype) % 97 for n in lengths]  # seed of position j: seed_vals[j]
+    original = [sv.clone() for sv in seed_vals]  # a cut compacts seed_vals in place
     for a, p, sv, v, n, w in zip(x, pos, seed_vals, vals, lengths, whole):
         pool.add([a], p, sv, v, [0], [n], [0], [int(w)])
-    for a, v in zip(x, vals):  # x holds its values at the candidates; a cut sets the rest to the seed (0)
+    for a, v in zip(x, vals):  # x holds its values at the candidates; a cut sets the rest to the seed
         a[:len(v)] = v
     kernels.lib()
     got = pool.kth(K, *sparse_bracket(total, K), {})
@@ -307,13 +309,14 @@ def _check_pool(lengths, dtype, case, seed, K, whole):
     assert got == want
     keep = top_indices(torch.cat(vals), K)  # before the cut, which compacts vals in place
     vals = [v.clone() for v in vals]
-    pool.cut(*got)
-    assert not pool.whole.any()
+    kept = pool.cut(*got, last=K) if last else pool.cut(*got)
+    assert not pool.whole.any() and (kept is None) != last
     starts = np.cumsum([0, *lengths])
-    for i, (a, (p, _)) in enumerate(zip(x, pool.pack())):
+    for i, (a, (p, sv)) in enumerate(zip(x, kept or pool.pack())):
         mine = keep[(keep >= int(starts[i])) & (keep < int(starts[i + 1]))] - int(starts[i])
-        assert torch.equal(p, mine)
+        assert torch.equal(p, mine) and torch.equal(sv, original[i][mine])
         expect = torch.zeros_like(a)
+        expect[:lengths[i]] = original[i]
         expect[mine] = vals[i][mine]
         assert torch.equal(a, expect)
 
@@ -329,16 +332,18 @@ def test_pool_kth_is_kth_largest_over_the_parts(lengths, dtype, case, seed, data
     if sum(lengths) < 2:
         return
     whole = data.draw(st.lists(st.booleans(), min_size=len(lengths), max_size=len(lengths)))
-    _check_pool(lengths, dtype, case, seed, data.draw(st.integers(1, sum(lengths) - 1)), whole)
+    _check_pool(lengths, dtype, case, seed, data.draw(st.integers(1, sum(lengths) - 1)), whole, data.draw(st.booleans()))
 
 
+@pytest.mark.parametrize("last", [False, True])
 @pytest.mark.parametrize("case", ["rand", "few"])
-def test_pool_cut_of_whole_parts_on_threads(case):
+def test_pool_cut_of_whole_parts_on_threads(case, last):
     """The same from PARALLEL_MIN entries on, where Pool.cut goes on several threads: whole parts
     and parts of candidates mixed, with four distinct values ("few") the ties at tau do not all
-    fit and each part gets what the parts before it leave."""
+    fit and each part gets what the parts before it leave; the last cut writes each part's kept
+    set at its own offset, none past it (a 16-wide store would overwrite the next part's)."""
     for _ in threads():
-        _check_pool([150_000, 70_001, 20_000, 90_000], torch.float32, case, 5, 100_000, [True, False, True, True])
+        _check_pool([150_000, 70_001, 20_000, 90_000], torch.float32, case, 5, 100_000, [True, False, True, True], last)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
