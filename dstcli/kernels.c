@@ -583,20 +583,22 @@ CUT(f64, double, 64, )
                 share[p] = t;                                                                \
                 above[p] = a;                                                                \
             }                                                                                \
-            for (int64_t p = 0, left = *need_io; p < n; p++) {                               \
+            for (int64_t p = 0, left = *need_io, start = 0; p < n; p++) {                    \
                 share[p] = share[p] < left ? share[p] : left;                                \
                 left -= share[p];                                                            \
+                int64_t keeps = above[p] + (tau > 0 ? share[p] : 0); /* the part's kept set */ \
+                above[p] = start; /* from here on: where it goes */                          \
+                start += keeps;                                                              \
             }                                                                                \
         }                                                                                    \
         PARALLEL_FOR_DYNAMIC_SUM                                                             \
         for (int64_t p = 0; p < n; p++) {                                                    \
-            int64_t need = share[p], lim = INT64_MAX, *kp = pos[p], off = 0;                 \
+            int64_t need = share[p], lim = INT64_MAX, *kp = pos[p];                          \
             uint##BITS##_t *ks = seed[p];                                                    \
-            if (out_pos) { /* the parts before it keep what is above tau and their ties */   \
-                for (int64_t q = 0; q < p; q++) off += above[q] + (tau > 0 ? share[q] : 0);  \
-                lim = above[p] + (tau > 0 ? share[p] : 0);                                   \
-                kp = out_pos + off;                                                          \
-                ks = out_seed + off;                                                         \
+            if (out_pos) { /* from its offset to the next part's (the last: to the room's end) */ \
+                lim = p + 1 < n ? above[p + 1] - above[p] : INT64_MAX;                       \
+                kp = out_pos + above[p];                                                     \
+                ks = out_seed + above[p];                                                    \
             }                                                                                \
             kept[p] = dst_cut_##SUF##_##BITS(x[p], pos[p], seed[p], val[p], count[p], tau, &need, &differ[p], \
                                              whole && whole[p], kp, ks, lim);                \
