@@ -434,12 +434,9 @@ class DST:
                 if pool.size > POOL_CUT * K:
                     floor, need, ties = self._pool_tau(pool, K)
                     pool.cut(floor, need, ties)
-        if pool.size > K:  # the last cut writes the kept sets
-            kept = pool.cut(*self._pool_tau(pool, K), last=K)
-        elif pool.whole.any():  # every entry above 0 stays: the cut resets the rest, writes positions
-            kept = pool.cut(0.0, 0, 0, last=K)
-        else:
-            kept = pool.pack()
+        # the last cut writes the kept sets; a pool of at most K keeps every entry above 0 (whole
+        # parts hold the others, which it resets)
+        kept = pool.cut(*(self._pool_tau(pool, K) if pool.size > K else (0.0, 0, 0)), last=K)
         self._keep_pool_buffers()
         names = list(self.params)
         for n, (idx, seed_vals), differ in zip(names, kept, pool.differ.tolist()):

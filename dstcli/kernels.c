@@ -75,6 +75,10 @@ static int threads_for(int64_t n, int64_t items) {
 /* how many threads the kernels may use (1 without OpenMP) */
 int dst_threads(void) { return threads_for(INT64_MAX, MAX_THREADS); }
 
+/* where run t of `runs` over n entries starts (run `runs`: n, the end): n / runs each, the last
+ * run taking the remainder */
+static inline int64_t run_at(int64_t n, int runs, int t) { return t == runs ? n : n / runs * t; }
+
 enum { ABSOLUTE = 0, RELATIVE = 1, INVERSE_RELATIVE = 2 };
 
 static inline float bf16_to_f32(uint16_t b) {
@@ -400,12 +404,12 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
         int64_t cnt[MAX_THREADS], dif[MAX_THREADS], start[MAX_THREADS + 1], c = 0, diff = 0; \
         start[0] = 0;                                                                        \
         for (int t = 0; t < runs; t++) {                                                     \
-            int64_t len = (t == runs - 1 ? n : n / runs * (t + 1)) - n / runs * t;           \
+            int64_t len = run_at(n, runs, t + 1) - run_at(n, runs, t);                       \
             start[t + 1] = start[t] + (cap < len ? cap : len) + 16;                          \
         }                                                                                    \
         PARALLEL_FOR                                                                         \
         for (int t = 0; t < runs; t++) {                                                     \
-            int64_t a = n / runs * t, b = t == runs - 1 ? n : n / runs * (t + 1), at = start[t]; \
+            int64_t a = run_at(n, runs, t), b = run_at(n, runs, t + 1), at = start[t];       \
             cnt[t] = share_range_##SUF(x + a, x0 + a, b - a, kind, lo, strict, pos + at, val + at, \
                                        seed + at, cap < b - a ? cap : b - a, &dif[t]);       \
         }                                                                                    \
@@ -416,7 +420,7 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
         if (c > cap) return cap + 1;                                                         \
         c = 0;                                                                               \
         for (int t = 0; t < runs; t++) { /* c <= the run's start: moving forward is safe */  \
-            int64_t a = n / runs * t, from = start[t];                                       \
+            int64_t a = run_at(n, runs, t), from = start[t];                                 \
             for (int64_t j = 0; j < cnt[t]; j++) {                                           \
                 pos[c + j] = pos[from + j] + a;                                              \
                 val[c + j] = val[from + j];                                                  \
@@ -968,7 +972,7 @@ static int64_t lower_bound(const int64_t *idx, int64_t k, int64_t v) {
         int64_t cut[MAX_THREADS + 1], cnt[MAX_THREADS], up[MAX_THREADS], budget[MAX_THREADS], \
             at[MAX_THREADS], kept[MAX_THREADS], dif[MAX_THREADS], bth[MAX_THREADS], bd[MAX_THREADS], \
             m = 0, n_above = 0;                                                              \
-        for (int t = 0; t <= runs; t++) cut[t] = t == runs ? n : n / runs * t;               \
+        for (int t = 0; t <= runs; t++) cut[t] = run_at(n, runs, t);                         \
         PARALLEL_FOR                                                                         \
         for (int t = 0; t < runs; t++)                                                       \
             cnt[t] = top_bracket_##SUF(ux + cut[t], ux0 + cut[t], cut[t + 1] - cut[t], kind, lo, hi, \
@@ -1346,7 +1350,7 @@ MANY(f64, double, double, 64)
             int runs = threads_for(m, m >> 16);                                              \
             PARALLEL_FOR                                                                     \
             for (int r = 0; r < runs; r++) {                                                 \
-                int64_t a = m / runs * r, b = r == runs - 1 ? m : m / runs * (r + 1);        \
+                int64_t a = run_at(m, runs, r), b = run_at(m, runs, r + 1);                  \
                 dst_distance_##SUF(x[t] + a, x0[t] + a, b - a, kind, v + a);                 \
                 memcpy(s + a, x0[t] + a, (size_t)(b - a) * sizeof(T));                       \
             }                                                                                \
@@ -1434,10 +1438,3 @@ POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
 KTH_PARTS(f32, float)
 KTH_PARTS(f64, double)
 
-/* dst_pack: n parts (count[p] items of `size` bytes at src[p]) one after the other into dst */
-void dst_pack(int64_t n, char *const *src, const int64_t *count, int64_t size, char *dst) {
-    for (int64_t p = 0; p < n; p++) {
-        memcpy(dst, src[p], (size_t)(count[p] * size));
-        dst += count[p] * size;
-    }
-}

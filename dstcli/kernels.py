@@ -146,7 +146,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = real, [P, I, I, P, P, I]
         f = getattr(lib, f"dst_kth_parts_{suf}")
         f.restype, f.argtypes = C, [I, P, P, I, I, I, I, P, P, P, P, P, P]
-    lib.dst_pack.restype, lib.dst_pack.argtypes = None, [I, P, P, I, P]
     lib.dst_threads.restype, lib.dst_threads.argtypes = C, []
     for suf in ("f32", "bf16", "f64"):
         f = getattr(lib, f"dst_rows_{suf}")
@@ -533,7 +532,7 @@ def pool_many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx:
     many of those differ from the seed bit for bit (0 for a whole tensor, counted by the cut),
     and which tensors were taken whole (1, else 0). The first three come as buffers with each
     tensor's part at its offset, for Pool.add: `b.bufs`, allocated where None and written again
-    by its next call (Pool.pack copies what must last)."""
+    by its next call (the pool's last cut copies what must last)."""
     (pos, val, seed), off, out = _bucket_call("dst_pool_many", b, x, x0, old_idx, old_seed, kind, work, (),
                                               (0.0 if floor is None else floor, int(floor is not None), K),
                                               [torch.long, _WIDE[b.dtype], b.dtype], 2, reuse=True)
@@ -612,19 +611,6 @@ class Pool:
             out += [v.numpy() for v in self._split(val, first, n)]
         return out
 
-    def pack(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each part's kept positions and seed values, copied into two buffers of their size (so
-        that the blocks' buffers may be reused: see pool_many). No part may be whole."""
-        assert not self.whole.any(), "a whole part must be cut first"
-        cols = []
-        for c, dtype in ((1, torch.long), (2, self.dtype)):
-            new = torch.empty(self.size, dtype=dtype)
-            src = np.ascontiguousarray(self.ptrs[:, c])
-            _state["lib"].dst_pack(len(self.count), src.ctypes.data, self.count.ctypes.data, new.element_size(),
-                                   new.data_ptr())
-            cols.append(new.split(self.count.tolist()))
-        return list(zip(*cols))
-
     def _split(self, buf: torch.Tensor, first: int, n: int) -> list[torch.Tensor]:
         off, count = self.off[first:first + n], self.count[first:first + n]
         cuts = np.empty(2 * n, dtype=np.int64)  # each part's entries, then the room after them
@@ -650,8 +636,9 @@ class Pool:
         """Keep the entries above tau and the first `need` equal to it (in pool order), never a
         distance <= 0; set the others back to their seed values (dst_cut_many_*). The step's last
         cut (last: at most how many it keeps, the silo's K) writes the kept positions and seed
-        values straight into two buffers of their size, and returns each part's as `pack` does
-        (the pool is not to be cut again); the others compact the parts in place."""
+        values straight into two buffers of their size and returns each part's (views of them),
+        so that the blocks' buffers may be reused (see pool_many; the pool is not to be cut
+        again); the others compact the parts in place."""
         n = len(self.count)
         cols = [np.ascontiguousarray(self.ptrs[:, c]) for c in range(4)]
         left = np.array([need], dtype=np.int64)

@@ -285,7 +285,8 @@ def _check_pool(lengths, dtype, case, seed, K, whole, last):
     """Pool.kth against select.kth_largest and Pool.cut against top_indices over the parts
     together (see the tests below); a whole part's positions are garbage the cut must not read,
     and some of its distances are 0 (never kept). last: the cut writes the kept sets into new
-    buffers (a step's last cut) instead of compacting the parts in place."""
+    buffers (a step's last cut) instead of compacting the parts in place, which a last cut at 0
+    (every positive entry stays) then reads, as a step does after a cut in its middle."""
     g = np.random.default_rng(seed)
     total = sum(lengths)
     vals = [torch.from_numpy(np.abs(g.standard_normal(n)) + 1e-3) if case == "rand"
@@ -311,8 +312,10 @@ def _check_pool(lengths, dtype, case, seed, K, whole, last):
     vals = [v.clone() for v in vals]
     kept = pool.cut(*got, last=K) if last else pool.cut(*got)
     assert not pool.whole.any() and (kept is None) != last
+    if kept is None:
+        kept = pool.cut(0.0, 0, 0, last=K)
     starts = np.cumsum([0, *lengths])
-    for i, (a, (p, sv)) in enumerate(zip(x, kept or pool.pack())):
+    for i, (a, (p, sv)) in enumerate(zip(x, kept)):
         mine = keep[(keep >= int(starts[i])) & (keep < int(starts[i + 1]))] - int(starts[i])
         assert torch.equal(p, mine) and torch.equal(sv, original[i][mine])
         expect = torch.zeros_like(a)
