@@ -42,8 +42,8 @@
 
 /* Threads (OpenMP, where built with it: torch's own runtime, already loaded, so its threads are
  * shared and torch.set_num_threads applies): kernels that split their work do so only from
- * PARALLEL_MIN entries on, in contiguous runs whose outputs are put together in order, so the
- * result never depends on the number of threads. */
+ * PARALLEL_MIN entries on (a pool cut from CUT_PARALLEL_MIN), in contiguous runs whose outputs
+ * are put together in order, so the result never depends on the number of threads. */
 #define MAX_THREADS 64
 #define PARALLEL_MIN (1 << 18)
 #ifdef _OPENMP
@@ -575,7 +575,7 @@ CUT(f64, double, 32, )
 CUT(f64, double, 64, )
 
 /* dst_cut_many_*: dst_cut_* over parts 0..n-1 of a pool (x[p], pos[p], seed[p], val[p], count[p]
- * candidates), as if in order with the shared *need_io. From PARALLEL_MIN candidates on the parts
+ * candidates), as if in order with the shared *need_io. From CUT_PARALLEL_MIN candidates on the parts
  * go to several threads: where every tie at tau fits (all_fit: the pool holds no more values
  * equal to tau than fit) each part keeps all of its own; otherwise each part's ties are counted
  * first and it gets what the parts before it leave (min(its ties, what is left)), which is what
@@ -585,6 +585,10 @@ CUT(f64, double, 64, )
  * (room: how many are kept + 16; the last cut of a step, whose output is the kept sets): on
  * several threads each part's count is known first (above tau, plus its ties), so each writes at
  * its own offset and never past it. Returns -1 where memory ran out (nothing done), else 0. */
+/* a pool cut goes on several threads from this many candidates on, under PARALLEL_MIN (the bundled
+ * model's step, its two cuts at epsilon 1e-2 / 1e-1: 0.50-0.54 / 0.67-1.14 ms from PARALLEL_MIN
+ * on, 0.33-0.41 / 0.56-0.91 from 32K or 64K) */
+#define CUT_PARALLEL_MIN (1 << 15)
 #define CUT_MANY(SUF, D, BITS)                                                               \
     int dst_cut_many_##SUF##_##BITS(int64_t n, uint##BITS##_t *const *x, int64_t *const *pos, \
                                     uint##BITS##_t *const *seed, D *const *val, const int64_t *count, \
@@ -593,7 +597,7 @@ CUT(f64, double, 64, )
                                     uint##BITS##_t *out_seed) {                              \
         int64_t total = 0, at = 0;                                                           \
         for (int64_t p = 0; p < n; p++) total += count[p];                                   \
-        int runs = threads_for(total, n);                                                    \
+        int runs = threads_for(total >= CUT_PARALLEL_MIN ? INT64_MAX : 0, n);                \
         if (runs == 1) {                                                                     \
             for (int64_t p = 0; p < n; p++) {                                                \
                 int64_t *kp = out_pos ? out_pos + at : pos[p];                               \

@@ -341,7 +341,8 @@ def test_pool_kth_is_kth_largest_over_the_parts(lengths, dtype, case, seed, data
 @pytest.mark.parametrize("last", [False, True])
 @pytest.mark.parametrize("case", ["rand", "few"])
 def test_pool_cut_of_whole_parts_on_threads(case, last):
-    """The same from PARALLEL_MIN entries on, where Pool.cut goes on several threads: whole parts
+    """The same on large parts (from 32K candidates on, kernels.c's CUT_PARALLEL_MIN, Pool.cut goes
+    on several threads; the hypothesis test above draws pools on both sides of it): whole parts
     and parts of candidates mixed, with four distinct values ("few") the ties at tau do not all
     fit and each part gets what the parts before it leave; the last cut writes each part's kept
     set at its own offset, none past it (a 16-wide store would overwrite the next part's)."""
