@@ -1446,7 +1446,8 @@ POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
  * (as if the parts were one array) bracketing the k-th largest between its j_lo-th and j_hi-th
  * largest, as dst_top_* does: *tau, how many of the k largest equal it (*need) and how many
  * values in all do (*ties). Scratch: sbuf 2s + 64 (s = total / stride + 1), inside 2 * total + 64,
- * tmp max(total, 2s) + 32. Returns 0, or 1 where the sample misled (the caller ranks all). */
+ * tmp max(total, 2s) + 32. From CUT_PARALLEL_MIN values on the bracket's pass goes part by part on
+ * several threads. Returns 0, or 1 where the sample misled (the caller ranks all). */
 #define KTH_PARTS(SUF, D)                                                                    \
     int dst_kth_parts_##SUF(int64_t n, D *const *val, const int64_t *count, int64_t k, int64_t stride, \
                             int64_t j_lo, int64_t j_hi, D *sbuf, D *inside, D *tmp, D *tau_out, \
@@ -1460,9 +1461,24 @@ POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
         memcpy(sbuf + s + 32, sbuf, (size_t)s * sizeof(D));                                  \
         D lo = kth_##SUF(sbuf, s, s - j_lo, tmp, &above), hi = INFINITY;                     \
         if (j_hi >= 1) hi = kth_##SUF(sbuf + s + 32, s, s - j_hi, tmp, &above);              \
-        for (int64_t p = 0; p < n; p++) {                                                    \
-            m += dst_bracket_##SUF(val[p], count[p], lo, hi, inside + m, &above);            \
-            n_above += above;                                                                \
+        int runs = threads_for(start >= CUT_PARALLEL_MIN && 16 * n <= start ? INT64_MAX : 0, n); \
+        int64_t *at = runs > 1 ? malloc(3 * (size_t)n * sizeof(int64_t)) : NULL;             \
+        if (at) { /* each part into its own room (count + 16) on threads, then moved down */  \
+            int64_t *got = at + n, *up = at + 2 * n;                                         \
+            for (int64_t p = 0, room = 0; p < n; room += count[p] + 16, p++) at[p] = room;   \
+            PARALLEL_FOR_DYNAMIC                                                             \
+            for (int64_t p = 0; p < n; p++) got[p] = dst_bracket_##SUF(val[p], count[p], lo, hi, inside + at[p], &up[p]); \
+            for (int64_t p = 0; p < n; p++) {                                                \
+                memmove(inside + m, inside + at[p], (size_t)got[p] * sizeof(D));             \
+                m += got[p];                                                                 \
+                n_above += up[p];                                                            \
+            }                                                                                \
+            free(at);                                                                        \
+        } else {                                                                             \
+            for (int64_t p = 0; p < n; p++) {                                                \
+                m += dst_bracket_##SUF(val[p], count[p], lo, hi, inside + m, &above);        \
+                n_above += above;                                                            \
+            }                                                                                \
         }                                                                                    \
         if (m + n_above < k || n_above >= k) return 1;                                       \
         memcpy(inside + m + 32, inside, (size_t)m * sizeof(D));                              \
