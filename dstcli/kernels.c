@@ -1446,8 +1446,9 @@ POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
  * (as if the parts were one array) bracketing the k-th largest between its j_lo-th and j_hi-th
  * largest, as dst_top_* does: *tau, how many of the k largest equal it (*need) and how many
  * values in all do (*ties). Scratch: sbuf 2s + 64 (s = total / stride + 1), inside 2 * total + 64,
- * tmp max(total, 2s) + 32. From CUT_PARALLEL_MIN values on the bracket's pass goes part by part on
- * several threads. Returns 0, or 1 where the sample misled (the caller ranks all). */
+ * tmp max(total, 2s) + 32. From CUT_PARALLEL_MIN values on the bracket's pass goes on several
+ * threads, in runs of consecutive parts. Returns 0, or 1 where the sample misled (the caller ranks
+ * all). */
 #define KTH_PARTS(SUF, D)                                                                    \
     int dst_kth_parts_##SUF(int64_t n, D *const *val, const int64_t *count, int64_t k, int64_t stride, \
                             int64_t j_lo, int64_t j_hi, D *sbuf, D *inside, D *tmp, D *tau_out, \
@@ -1461,19 +1462,48 @@ POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
         memcpy(sbuf + s + 32, sbuf, (size_t)s * sizeof(D));                                  \
         D lo = kth_##SUF(sbuf, s, s - j_lo, tmp, &above), hi = INFINITY;                     \
         if (j_hi >= 1) hi = kth_##SUF(sbuf + s + 32, s, s - j_hi, tmp, &above);              \
-        int runs = threads_for(start >= CUT_PARALLEL_MIN && 16 * n <= start ? INT64_MAX : 0, n); \
-        int64_t *at = runs > 1 ? malloc(3 * (size_t)n * sizeof(int64_t)) : NULL;             \
-        if (at) { /* each part into its own room (count + 16) on threads, then moved down */  \
-            int64_t *got = at + n, *up = at + 2 * n;                                         \
-            for (int64_t p = 0, room = 0; p < n; room += count[p] + 16, p++) at[p] = room;   \
-            PARALLEL_FOR_DYNAMIC                                                             \
-            for (int64_t p = 0; p < n; p++) got[p] = dst_bracket_##SUF(val[p], count[p], lo, hi, inside + at[p], &up[p]); \
-            for (int64_t p = 0; p < n; p++) {                                                \
-                memmove(inside + m, inside + at[p], (size_t)got[p] * sizeof(D));             \
-                m += got[p];                                                                 \
-                n_above += up[p];                                                            \
+        int runs = threads_for(start >= CUT_PARALLEL_MIN ? INT64_MAX : 0, n);                 \
+        int64_t first[MAX_THREADS + 1], base[MAX_THREADS + 1], got[MAX_THREADS], up[MAX_THREADS]; \
+        if (runs > 1) { /* runs of consecutive parts, about start / runs values each */      \
+            int r = 1;                                                                       \
+            first[0] = 0;                                                                    \
+            for (int64_t p = 0, sum = 0; p < n && r < runs; p++) {                           \
+                sum += count[p];                                                             \
+                if (sum >= run_at(start, runs, r)) {                                         \
+                    first[r] = p + 1;                                                        \
+                    base[r] = sum;                                                           \
+                    r++;                                                                     \
+                }                                                                            \
             }                                                                                \
-            free(at);                                                                        \
+            for (; r < runs; r++) { /* runs left without parts */                            \
+                first[r] = n;                                                                \
+                base[r] = start;                                                             \
+            }                                                                                \
+            first[runs] = n;                                                                 \
+            /* run 0 into inside, the others into tmp (room: start + 32) from where their     \
+               values start after run 0's, + 16 a run: the pages touched are those a thread   \
+               alone and the k-th largest below touch */                                    \
+            if (base[1] < 16 * runs) runs = 1;                                               \
+            for (int t = runs - 1; t >= 1; t--) base[t] += 16 * (t - 1) - base[1];           \
+        }                                                                                    \
+        if (runs > 1) {                                                                      \
+            PARALLEL_FOR                                                                     \
+            for (int t = 0; t < runs; t++) {                                                 \
+                D *out = t ? tmp + base[t] : inside;                                         \
+                int64_t a;                                                                   \
+                got[t] = up[t] = 0;                                                          \
+                for (int64_t p = first[t]; p < first[t + 1]; p++) {                          \
+                    got[t] += dst_bracket_##SUF(val[p], count[p], lo, hi, out + got[t], &a); \
+                    up[t] += a;                                                              \
+                }                                                                            \
+            }                                                                                \
+            m = got[0];                                                                      \
+            n_above = up[0];                                                                 \
+            for (int t = 1; t < runs; t++) {                                                 \
+                memcpy(inside + m, tmp + base[t], (size_t)got[t] * sizeof(D));               \
+                m += got[t];                                                                 \
+                n_above += up[t];                                                            \
+            }                                                                                \
         } else {                                                                             \
             for (int64_t p = 0; p < n; p++) {                                                \
                 m += dst_bracket_##SUF(val[p], count[p], lo, hi, inside + m, &above);        \
