@@ -574,6 +574,11 @@ CUT(f64, double, 16, )
 CUT(f64, double, 32, )
 CUT(f64, double, 64, )
 
+/* a pool cut goes on several threads from this many candidates on, under PARALLEL_MIN (the bundled
+ * model's step, its two cuts at epsilon 1e-2 / 1e-1: 0.50-0.54 / 0.67-1.14 ms from PARALLEL_MIN
+ * on, 0.33-0.41 / 0.56-0.91 from 32K or 64K) */
+#define CUT_PARALLEL_MIN (1 << 15)
+
 /* dst_cut_many_*: dst_cut_* over parts 0..n-1 of a pool (x[p], pos[p], seed[p], val[p], count[p]
  * candidates), as if in order with the shared *need_io. From CUT_PARALLEL_MIN candidates on the parts
  * go to several threads: where every tie at tau fits (all_fit: the pool holds no more values
@@ -585,10 +590,6 @@ CUT(f64, double, 64, )
  * (room: how many are kept + 16; the last cut of a step, whose output is the kept sets): on
  * several threads each part's count is known first (above tau, plus its ties), so each writes at
  * its own offset and never past it. Returns -1 where memory ran out (nothing done), else 0. */
-/* a pool cut goes on several threads from this many candidates on, under PARALLEL_MIN (the bundled
- * model's step, its two cuts at epsilon 1e-2 / 1e-1: 0.50-0.54 / 0.67-1.14 ms from PARALLEL_MIN
- * on, 0.33-0.41 / 0.56-0.91 from 32K or 64K) */
-#define CUT_PARALLEL_MIN (1 << 15)
 #define CUT_MANY(SUF, D, BITS)                                                               \
     int dst_cut_many_##SUF##_##BITS(int64_t n, uint##BITS##_t *const *x, int64_t *const *pos, \
                                     uint##BITS##_t *const *seed, D *const *val, const int64_t *count, \
@@ -1464,9 +1465,9 @@ POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
         if (j_hi >= 1) hi = kth_##SUF(sbuf + s + 32, s, s - j_hi, tmp, &above);              \
         int runs = threads_for(start >= CUT_PARALLEL_MIN ? INT64_MAX : 0, n);                 \
         int64_t first[MAX_THREADS + 1], base[MAX_THREADS + 1], got[MAX_THREADS], up[MAX_THREADS]; \
+        first[0] = base[0] = 0;                                                              \
         if (runs > 1) { /* runs of consecutive parts, about start / runs values each */      \
             int r = 1;                                                                       \
-            first[0] = 0;                                                                    \
             for (int64_t p = 0, sum = 0; p < n && r < runs; p++) {                           \
                 sum += count[p];                                                             \
                 if (sum >= run_at(start, runs, r)) {                                         \
@@ -1479,36 +1480,27 @@ POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
                 first[r] = n;                                                                \
                 base[r] = start;                                                             \
             }                                                                                \
-            first[runs] = n;                                                                 \
             /* run 0 into inside, the others into tmp (room: start + 32) from where their     \
                values start after run 0's, + 16 a run: the pages touched are those a thread   \
                alone and the k-th largest below touch */                                    \
             if (base[1] < 16 * runs) runs = 1;                                               \
             for (int t = runs - 1; t >= 1; t--) base[t] += 16 * (t - 1) - base[1];           \
         }                                                                                    \
-        if (runs > 1) {                                                                      \
-            PARALLEL_FOR                                                                     \
-            for (int t = 0; t < runs; t++) {                                                 \
-                D *out = t ? tmp + base[t] : inside;                                         \
-                int64_t a;                                                                   \
-                got[t] = up[t] = 0;                                                          \
-                for (int64_t p = first[t]; p < first[t + 1]; p++) {                          \
-                    got[t] += dst_bracket_##SUF(val[p], count[p], lo, hi, out + got[t], &a); \
-                    up[t] += a;                                                              \
-                }                                                                            \
+        first[runs] = n;                                                                     \
+        PARALLEL_FOR                                                                         \
+        for (int t = 0; t < runs; t++) {                                                     \
+            D *out = t ? tmp + base[t] : inside;                                             \
+            int64_t a;                                                                       \
+            got[t] = up[t] = 0;                                                              \
+            for (int64_t p = first[t]; p < first[t + 1]; p++) {                              \
+                got[t] += dst_bracket_##SUF(val[p], count[p], lo, hi, out + got[t], &a);     \
+                up[t] += a;                                                                  \
             }                                                                                \
-            m = got[0];                                                                      \
-            n_above = up[0];                                                                 \
-            for (int t = 1; t < runs; t++) {                                                 \
-                memcpy(inside + m, tmp + base[t], (size_t)got[t] * sizeof(D));               \
-                m += got[t];                                                                 \
-                n_above += up[t];                                                            \
-            }                                                                                \
-        } else {                                                                             \
-            for (int64_t p = 0; p < n; p++) {                                                \
-                m += dst_bracket_##SUF(val[p], count[p], lo, hi, inside + m, &above);        \
-                n_above += above;                                                            \
-            }                                                                                \
+        }                                                                                    \
+        for (int t = 0; t < runs; t++) {                                                     \
+            if (t) memcpy(inside + m, tmp + base[t], (size_t)got[t] * sizeof(D));            \
+            m += got[t];                                                                     \
+            n_above += up[t];                                                                \
         }                                                                                    \
         if (m + n_above < k || n_above >= k) return 1;                                       \
         memcpy(inside + m + 32, inside, (size_t)m * sizeof(D));                              \
