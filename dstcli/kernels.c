@@ -358,18 +358,33 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
 
 #ifdef __AVX512F__
 /* dst_share_*'s 16-wide part for the types whose distances are float32: LOAD16 widens 16 of x or
- * x0 to float32, RESET sets x to x0 outside the mask m, SEED packs x0's kept values (b) at slot c */
-#define SHARE16(LOAD16, RESET, SEED)                                                         \
-    const __m512 vlo = _mm512_set1_ps(lo);                                                   \
-    for (; i + 16 <= n && c <= cap; i += 16) { /* 16 stored at c <= cap: within cap + 16 */ \
+ * x0 to float32, RESET sets x to x0 outside the mask m, SEED packs x0's kept values (b) at slot c.
+ * A block without candidates skips the rest (SHARE16_SKIP), a branch that goes either way at
+ * random where candidates are many: in runs of 64 blocks, where more than a quarter of the last
+ * run's blocks held one, every block goes through (the global silo at epsilon 1e-1, bfloat16
+ * 25M model: dst_pool_many_* 8.6-8.9 -> 7.4-7.8 ms a step without the branch). */
+#define SHARE16_BLOCKS(LOAD16, SKIP, RESET, SEED)                                                  \
+    for (; i + 16 <= stop && c <= cap; i += 16) { /* 16 stored at c <= cap: within cap + 16 */ \
         __m512 a = LOAD16(x + i), b = LOAD16(x0 + i);                                        \
         __m512 d = dist_v16(a, b, kind);                                                     \
         __mmask16 m = strict ? _mm512_cmp_ps_mask(d, vlo, _CMP_GT_OQ) : _mm512_cmp_ps_mask(d, vlo, _CMP_GE_OQ); \
         RESET                                                                                \
-        if (!m) continue;                                                                    \
+        SKIP                                                                                 \
+        busy += m != 0;                                                                      \
         diff += __builtin_popcount(m & _mm512_cmpneq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b))); \
         SEED                                                                                 \
         c = pack16(d, m, i, c, pos, val);                                                    \
+    }
+#define SHARE16_SKIP if (!m) continue;
+#define SHARE16(LOAD16, RESET, SEED)                                                         \
+    const __m512 vlo = _mm512_set1_ps(lo);                                                   \
+    for (int64_t busy = 0, dense = 0; i + 16 <= n && c <= cap; dense = busy * 4 > 64, busy = 0) { \
+        int64_t stop = n - i > 16 * 64 ? i + 16 * 64 : n;                                    \
+        if (dense) {                                                                         \
+            SHARE16_BLOCKS(LOAD16, , RESET, SEED)                                              \
+        } else {                                                                             \
+            SHARE16_BLOCKS(LOAD16, SHARE16_SKIP, RESET, SEED)                                  \
+        }                                                                                    \
     }
 #define LOAD16_U32(p) _mm512_loadu_ps((const float *)(p))
 #define SHARE16_F32                                                                          \
