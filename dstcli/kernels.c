@@ -850,9 +850,9 @@ KTH(f64, double, , )
 #define NONFINITE_16(u) (((u) & 0x7f80u) == 0x7f80u)
 #define NONFINITE_64(u) (((u) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
 
-/* the old kept positions (ascending, from old on: the ones in [first, first + n) go) as bits of
- * bm, bit i for position first + i (room: n / 8 + 8 bytes, all written): KEEP1 and KEEP16 read
- * them where a merge with old would branch a block at a time */
+/* the old kept positions in [first, first + n) as bits of bm, bit i for position first + i
+ * (old: n_old ascending positions, none below first; bm: room for n / 8 + 8 bytes, all
+ * written). KEEP1 and KEEP16 read them where a merge with old would branch a block at a time. */
 static void old_bitmap(uint8_t *bm, int64_t first, int64_t n, const int64_t *old, int64_t n_old) {
     memset(bm, 0, (size_t)(n >> 3) + 8);
     for (int64_t j = 0; j < n_old && old[j] < first + n; j++) {
@@ -1216,8 +1216,9 @@ TOP(f64, double, double, 64, f64)
  * split in runs of about equal entries, one a thread, each written at its rows' share of the
  * output plus 16 per run before it (pos and seed: room sum(min(k, m)) + 16 * dst_threads() + 16),
  * then moved together: the same output in the same order as one run. Scratch: 3 (longest row +
- * 32) values a run. old, n_old, counts: as dst_top_*'s (the churn and non-finite counts, made
- * in the pass that keeps). Returns how many are kept, -1 where memory ran out (x untouched). */
+ * 32) values a run, and the old kept set as bits (old_bitmap) of each run's entries. old, n_old,
+ * counts: as dst_top_*'s (the churn and non-finite counts, made in the pass that keeps). Returns
+ * how many are kept, -1 where memory ran out (x untouched). */
 #define ROWS(SUF, T, D, BITS)                                                                \
     int64_t dst_rows_##SUF(T *x, const T *x0, int64_t R, const int64_t *starts, const int64_t *k, int kind, \
                            D *hint, int64_t *pos, uint##BITS##_t *seed, int64_t *differ,     \
