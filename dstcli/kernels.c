@@ -361,8 +361,8 @@ static inline double bits_f64(uint64_t u) { double f; memcpy(&f, &u, 8); return 
  * x0 to float32, RESET sets x to x0 outside the mask m, SEED packs x0's kept values (b) at slot c.
  * A block without candidates skips the rest (SHARE16_SKIP), a branch that goes either way at
  * random where candidates are many: in runs of 64 blocks, where more than a quarter of the last
- * run's blocks held one, every block goes through (the global silo at epsilon 1e-1, bfloat16
- * 25M model: dst_pool_many_* 8.6-8.9 -> 7.4-7.8 ms a step without the branch). */
+ * run's blocks held one, every block goes through (the global silo, bfloat16 25M model,
+ * dst_pool_many_* a step: 7.8-8.0 -> 6.3-7.2 ms at 1e-1, 8.1-8.2 -> 5.6-6.1 at 1e-2). */
 #define SHARE16_BLOCKS(LOAD16, SKIP, RESET, SEED)                                                  \
     for (; i + 16 <= stop && c <= cap; i += 16) { /* 16 stored at c <= cap: within cap + 16 */ \
         __m512 a = LOAD16(x + i), b = LOAD16(x0 + i);                                        \
@@ -850,12 +850,22 @@ KTH(f64, double, , )
 #define NONFINITE_16(u) (((u) & 0x7f80u) == 0x7f80u)
 #define NONFINITE_64(u) (((u) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
 
+/* where v goes in the k ascending values idx (the first not below it) */
+static int64_t lower_bound(const int64_t *idx, int64_t k, int64_t v) {
+    int64_t lo = 0, hi = k;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (idx[mid] < v) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
 /* the old kept positions in [first, first + n) as bits of bm, bit i for position first + i
- * (old: n_old ascending positions, none below first; bm: room for n / 8 + 8 bytes, all
+ * (old: n_old ascending positions, NULL where n_old is 0; bm: room for n / 8 + 8 bytes, all
  * written). KEEP1 and KEEP16 read them where a merge with old would branch a block at a time. */
 static void old_bitmap(uint8_t *bm, int64_t first, int64_t n, const int64_t *old, int64_t n_old) {
     memset(bm, 0, (size_t)(n >> 3) + 8);
-    for (int64_t j = 0; j < n_old && old[j] < first + n; j++) {
+    for (int64_t j = lower_bound(old, n_old, first); j < n_old && old[j] < first + n; j++) {
         int64_t r = old[j] - first;
         bm[r >> 3] |= (uint8_t)(1u << (r & 7));
     }
@@ -1052,14 +1062,6 @@ TOP_PASSES(f64, double, 64, bits_f64, dist_d, , )
  * bitmap a run builds in `inside`, free once tau is known). Returns how many are kept, or -1
  * where the sample misled (fewer than k at or above lo, or k or more above hi): x is untouched
  * then. */
-static int64_t lower_bound(const int64_t *idx, int64_t k, int64_t v) {
-    int64_t lo = 0, hi = k;
-    while (lo < hi) {
-        int64_t mid = lo + (hi - lo) / 2;
-        if (idx[mid] < v) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-}
 
 #define TOP(SUF, T, D, BITS, DSUF)                                                           \
     int64_t dst_top_##SUF(T *x, const T *x0, int64_t n, int kind, int64_t k, int64_t stride,  \
@@ -1108,9 +1110,8 @@ static int64_t lower_bound(const int64_t *idx, int64_t k, int64_t v) {
         }                                                                                    \
         PARALLEL_FOR                                                                         \
         for (int t = 0; t < runs; t++) {                                                     \
-            int64_t j0 = lower_bound(old, n_old, cut[t]);                                    \
             uint8_t *bm = (uint8_t *)inside + cut[t] / 8 + 16 * t; /* free once tau is known */ \
-            old_bitmap(bm, cut[t], cut[t + 1] - cut[t], n_old ? old + j0 : old, n_old - j0);  \
+            old_bitmap(bm, cut[t], cut[t + 1] - cut[t], old, n_old);                         \
             kept[t] = top_keep_##SUF(ux + cut[t], ux0 + cut[t], cut[t + 1] - cut[t], kind, tau, budget[t], \
                                      k * 32 > n, cut[t], bm, kpos + at[t], useed + at[t], &dif[t], &bth[t], &bd[t]); \
         }                                                                                    \
@@ -1248,10 +1249,8 @@ TOP(f64, double, double, 64, f64)
         PARALLEL_FOR                                                                         \
         for (int t = 0; t < runs; t++) {                                                     \
             D *buf = scratch + (size_t)t * 3 * width;                                        \
-            int64_t j0 = cut[t] < R ? lower_bound(old, n_old, starts[cut[t]]) : n_old;       \
             uint8_t *bm = (uint8_t *)(scratch + values) + (starts[cut[t]] - starts[0]) / 8 + 16 * t; \
-            old_bitmap(bm, starts[cut[t]], starts[cut[t + 1]] - starts[cut[t]], n_old ? old + j0 : old, \
-                       n_old - j0);                                                          \
+            old_bitmap(bm, starts[cut[t]], starts[cut[t + 1]] - starts[cut[t]], old, n_old); \
             cnt[t] = rows_range_##SUF(x, x0, cut[t], cut[t + 1], starts, k, kind, hint, buf,  \
                                       buf + width, buf + 2 * width, bm, pos + off[t], seed + off[t], \
                                       &dif[t], cn[t]);                                       \
