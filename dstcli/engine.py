@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from dstcli import kernels
+from dstcli import heap, kernels
 from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
@@ -269,6 +269,8 @@ class DST:
         self.batched = bool(batched) and self.seed is None and gather is None
         # step a bucket, then project all its tensors in one kernel call (kernels.many)
         self._many = not self.batched and self.seed is None and gather is None and bucket_kernels
+        if self._many and silo == "global":  # the pool a step frees, kept for the next rather than
+            heap.keep_freed(2 * sum(p.nbytes for p in self.params.values()))  # faulted in again (dstcli.heap)
         self._many_plans: dict[tuple, kernels.Bucket | list[int]] = {}
         self._views: dict[tuple, tuple] = {}  # see _flat and _snapshot_step
         self._counted = False  # whether the last step counted the non-finite kept entries
