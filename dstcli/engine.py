@@ -224,6 +224,10 @@ class DST:
             serve every tensor and they have one dtype: then a kernel call a bucket (see
             `_step_pool_many`) is faster (the bundled model, epsilon 1e-6 to 1e-1: 1.06-1.14x
             batched, 1.04-1.08x so). The kept sets are the same either way.
+
+    A DST that steps the global silo on the CPU kernels sets glibc's malloc thresholds for the
+    whole process (dstcli.heap.keep_freed: the memory a step frees stays for the next step;
+    DSTCLI_KEEP_HEAP=0 or a user's own MALLOC_*_ settings leave them alone).
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], *, epsilon: float | None = None,

@@ -5,7 +5,7 @@ are free; by default that threshold follows the largest block freed so far, up t
 step for the global silo on the CPU frees more than that at its end (its pool and the kept sets
 it replaces: 41-83 MB at a time on a 25M-parameter model at epsilon 1e-1) and allocates as much
 again in the next step, so those pages were faulted back in, zeroed, every step, in the
-projection and in the optimizer's temporaries after it: 4,000-4,900 page faults a step with
+projection and in the optimizer's temporaries after it: 3,900-7,100 page faults a step with
 bf16 weights, 6,500 with fp32. With the threshold above what a step frees, 900-1,400
 (BENCHMARKS.md, "The heap kept from step to step").
 
