@@ -44,6 +44,15 @@ def _faults(mode: str) -> int:
     return int(out.stdout)
 
 
+@pytest.fixture
+def no_user_settings(monkeypatch):
+    """An environment without malloc settings of the user's or DSTCLI_KEEP_HEAP."""
+    monkeypatch.delenv("DSTCLI_KEEP_HEAP", raising=False)
+    for k in heap._USER:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+
+
 @glibc
 def test_kept_heap_is_not_faulted_in_again():
     plain, kept = _faults("plain"), _faults("keep")
@@ -54,14 +63,10 @@ def test_kept_heap_is_not_faulted_in_again():
 
 
 @glibc
-def test_keep_freed_only_raises_and_caps(monkeypatch):
+def test_keep_freed_only_raises_and_caps(monkeypatch, no_user_settings):
     calls = []
     monkeypatch.setattr(heap, "_state", {"trim": 0})
     monkeypatch.setattr(heap, "_glibc", lambda: type("L", (), {"mallopt": staticmethod(lambda p, v: calls.append((p, v)) or 1)})())
-    monkeypatch.delenv("DSTCLI_KEEP_HEAP", raising=False)
-    for k in heap._USER:
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("GLIBC_TUNABLES", "")
     assert heap.keep_freed(1 << 20)  # below glibc's own ceiling: that ceiling
     assert calls == [(heap.M_MMAP_THRESHOLD, heap.MMAP_THRESHOLD), (heap.M_TRIM_THRESHOLD, heap.TRIM_MIN)]
     assert heap.keep_freed(heap.TRIM_MIN) and len(calls) == 2  # not lowered, not set again
@@ -75,11 +80,17 @@ def test_keep_freed_only_raises_and_caps(monkeypatch):
     ({"MALLOC_MMAP_THRESHOLD_": "100000"}, "MALLOC_MMAP_THRESHOLD_ is set"),
     ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=100000"}, "GLIBC_TUNABLES sets glibc.malloc"),
 ])
-def test_a_users_own_settings_are_left_alone(monkeypatch, env, why):
+def test_a_users_own_settings_are_left_alone(monkeypatch, no_user_settings, env, why):
     monkeypatch.setattr(heap, "_glibc", lambda: pytest.fail("mallopt called"))
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert heap.left_alone() == why
+    assert heap.keep_freed(1 << 30) is False
+
+
+def test_another_c_library_is_left_alone(monkeypatch, no_user_settings):
+    monkeypatch.setattr(heap, "_glibc", lambda: None)
+    assert heap.left_alone() == "the C library is not glibc"
     assert heap.keep_freed(1 << 30) is False
 
 
