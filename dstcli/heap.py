@@ -20,6 +20,7 @@ environment variables, glibc.malloc tunables), and DSTCLI_KEEP_HEAP=0.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
@@ -31,8 +32,10 @@ _USER = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", 
 _state = {"trim": 0}  # the trim threshold this process has set so far
 
 
+@functools.cache
 def _glibc():
-    """The process's C library where it is glibc (it has mallopt), else None."""
+    """The process's C library where it is glibc (it has mallopt), else None (looked up once:
+    left_alone and keep_freed both ask)."""
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 (glibc only)

@@ -36,6 +36,9 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 PARALLEL_MIN = 1 << 18  # kernels.c's: tensors this large use every thread, smaller ones one
 FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC"]
+# tried in order, the first the compiler takes: -march=native for AVX-512 where the CPU has it,
+# -fopenmp for a second core in the largest kernels
+EXTRA_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 KINDS = {"absolute": 0, "relative": 1, "inverse-relative": 2}
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float64: "f64"}
 _WIDE = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float64: torch.float64}
@@ -67,8 +70,7 @@ def _compile(cc: str, out: Path) -> str | None:
     """Build kernels.c at `out` (written beside it, then renamed); None, or why it failed."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     errors = []
-    # -march=native: AVX-512 where the CPU has it; -fopenmp: a second core for the largest kernels
-    for extra in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
+    for extra in EXTRA_FLAGS:
         key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *extra, version, _cpu_id()]).encode())
         target = out / f"kernels-{key.hexdigest()[:16]}{'.dll' if os.name == 'nt' else '.so'}"
         if target.exists():
