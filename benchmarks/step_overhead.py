@@ -8,14 +8,19 @@ Per configuration (model, epsilon, silo) it times, interleaved round by round on
   full    one AdamW over all parameters: forward, backward, step (plain fine-tuning; fused
           AdamW on a GPU, in every mode);
   dst     what `dstcli train` runs: one AdamW per bucket of consecutive tensors (DST.buckets),
-          each bucket projected right after its own update by dstcli's engine (no seed copy);
+          each bucket projected right after its own update by dstcli's engine (no seed copy):
+          against the base's tensors memory-mapped from a safetensors file (--seed mapped, the
+          CPU default, as `dstcli train` on a CPU), or against a snapshot of each bucket taken
+          before its update (--seed snapshot, the default on a GPU);
   obvious the textbook projection after one AdamW step: a full fp32 copy of the seed, distance,
           torch.topk per silo, torch.where (the baseline the lean engine replaces).
 Each step = forward + backward + optimizer + projection, median over the timed rounds. The update
 (optimizer + projection) is also timed alone: forward and backward are the same work in every
 mode, so "dst / full by updates" = (full step + dst update - full update) / full step is the
 same ratio with far less of this machine's noise in it. Peak memory:
-on CPU each mode runs alone in a child process for 3 steps and reports its peak RSS (VmHWM); on CUDA,
+on CPU each mode runs alone in a child process for 3 steps and reports its peak RSS (VmHWM) and
+the part of its RSS at the end mapped from files (RssFile: the libraries, and a mapped seed, whose
+clean pages the kernel may drop and read again); on CUDA,
 torch.cuda.max_memory_allocated per mode. Weights are float32 unless --weights bf16; autocast
 bf16 on CUDA (as `dstcli train` does there).
 """
@@ -28,11 +33,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 from torch.nn import functional as F
 
+from dstcli.checkpoint import Checkpoint
 from dstcli.engine import DST, bucket_optimizers
 from dstcli.errors import DstError
 from dstcli.model import GPT, GPTConfig
@@ -82,7 +89,7 @@ class Obvious:
 
 class Runner:
     def __init__(self, mode: str, cfg: GPTConfig, eps: float, silo: str, device: torch.device, weights: torch.dtype,
-                 bucket: float | None = None, batched: bool | None = None):
+                 bucket: float | None = None, batched: bool | None = None, seed: str = "snapshot"):
         torch.manual_seed(0)
         with device:  # initialized where it runs (a 1.3B model's init on the CPU takes a minute)
             self.model = GPT(cfg)
@@ -95,7 +102,14 @@ class Runner:
         def adamw(ps):
             return torch.optim.AdamW(ps, lr=1e-3, fused=fused)
         if mode == "dst":
-            self.dst = DST(named.items(), epsilon=eps, silo=silo, seed="none", batched=batched)
+            held = "none"
+            if seed == "mapped":  # as `dstcli train` maps its base: the model saved, then mapped
+                from safetensors.torch import save_file
+                self.tmp = tempfile.TemporaryDirectory()
+                path = os.path.join(self.tmp.name, "base.safetensors")
+                save_file({n: p.detach() for n, p in named.items()}, path)
+                held = Checkpoint(path).mapped(list(named))
+            self.dst = DST(named.items(), epsilon=eps, silo=silo, seed=held, batched=batched)
             # as `dstcli train` does: one AdamW per bucket of tensors
             limit = None if bucket is None else int(bucket * max(p.numel() for p in named.values()))
             self.opts = bucket_optimizers(self.dst.buckets(limit), named, adamw)
@@ -137,30 +151,34 @@ def child(args) -> None:
     device = torch.device(args.device)
     cfg = MODELS[args.models[0]]
     weights = torch.bfloat16 if args.weights == "bf16" else torch.float32
-    r = Runner(args.child, cfg, args.eps[0], args.silos[0], device, weights, args.bucket, BATCHED[args.batched])
+    r = Runner(args.child, cfg, args.eps[0], args.silos[0], device, weights, args.bucket, BATCHED[args.batched],
+               args.seed)
     for x in batches(cfg, args, device, args.steps):
         r.step(x)
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec
-    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_mb": hwm / 1024}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec;
+    # RssFile: the resident pages mapped from files (the libraries, and a mapped seed)
+    status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if "kB" in line}
+    print(json.dumps({"peak_rss_mb": status["VmHWM"] / 1024, "file_mb": status["RssFile"] / 1024}))
 
 
-def peak_memory_mb(mode: str, model: str, eps: float, silo: str, args) -> float:
+def peak_memory_mb(mode: str, model: str, eps: float, silo: str, args) -> str:
+    """The mode's peak memory, as a table cell: on CPU "peak RSS / of it mapped from files"."""
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cfg = MODELS[model]
         r = Runner(mode, cfg, eps, silo, torch.device("cuda"), torch.bfloat16 if args.weights == "bf16" else torch.float32,
-                   args.bucket, BATCHED[args.batched])
+                   args.bucket, BATCHED[args.batched], args.seed)
         for x in batches(cfg, args, torch.device("cuda"), 3):
             r.step(x)
         del r
-        return torch.cuda.max_memory_allocated() / 2**20
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f}"
     cmd = [sys.executable, __file__, "--child", mode, "--models", model, "--eps", str(eps), "--silos", silo,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", "3", "--device", args.device,
-           "--weights", args.weights, "--batched", args.batched] + (["--bucket", str(args.bucket)] if args.bucket else [])
+           "--weights", args.weights, "--batched", args.batched, "--seed", args.seed] + (["--bucket", str(args.bucket)] if args.bucket else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return f"{got['peak_rss_mb']:.0f} / {got['file_mb']:.0f}"
 
 
 def profile_update(r: Runner, x: torch.Tensor, device: torch.device) -> None:
@@ -196,11 +214,15 @@ def main() -> None:
     ap.add_argument("--bucket", type=float, help="DST bucket limit in largest tensors (default: DST.buckets' own)")
     ap.add_argument("--batched", default="auto", choices=list(BATCHED),
                     help="DST's batched step: auto (DST's own choice), on or off")
+    ap.add_argument("--seed", choices=["mapped", "snapshot"],
+                    help="DST's seed: the base memory-mapped, or snapshots (default: mapped on cpu, as dstcli train)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler's top operations of one DST update per configuration")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.seed is None:
+        args.seed = "mapped" if args.device == "cpu" else "snapshot"
     if args.child:
         return child(args)
     device = torch.device(args.device)
@@ -208,7 +230,7 @@ def main() -> None:
     modes = [m for m in MODES if not (args.no_obvious and m == "obvious")]
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {dev}, torch {torch.__version__}, batch {args.batch}x{args.seq} tokens, {args.weights} weights, "
-          f"median of {args.steps} interleaved steps, batched step {args.batched}, DST buckets "
+          f"median of {args.steps} interleaved steps, batched step {args.batched}, DST seed {args.seed}, DST buckets "
           + (f"{args.bucket:g} largest tensors" if args.bucket else "DST.buckets' default"))
     print("| model | params | epsilon | silo | full ms | dst ms | obvious ms | dst / full | obvious / full | "
           "update ms full / dst / obvious | dst / full by updates |"
@@ -219,8 +241,8 @@ def main() -> None:
         for silo in args.silos:
             for eps in args.eps:
                 try:
-                    runners = {m: Runner(m, cfg, eps, silo, device, weights, args.bucket, BATCHED[args.batched])
-                               for m in modes}
+                    runners = {m: Runner(m, cfg, eps, silo, device, weights, args.bucket, BATCHED[args.batched],
+                                         args.seed) for m in modes}
                 except DstError as e:  # e.g. row silos at epsilon 1e-6: every budget is zero
                     print(f"| {model} | | {eps:g} | {silo} | {e} |||||")
                     continue
@@ -248,7 +270,7 @@ def main() -> None:
                        f"{upd['full']:.1f} / {upd['dst']:.1f} / {upd.get('obvious', float('nan')):.1f} | {by_upd:.3f} |")
                 if not args.no_memory:
                     mem = {m: peak_memory_mb(m, model, eps, silo, args) for m in modes}
-                    row += " " + " | ".join(f"{mem.get(m, float('nan')):.0f}" for m in MODES) + " |"
+                    row += " " + " | ".join(mem.get(m, "") for m in MODES) + " |"
                 print(row, flush=True)
 
 

@@ -17,7 +17,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -96,6 +96,7 @@ class Checkpoint:
                                    f"and {shard.name}: the checkpoint is inconsistent")
                 infos[info.name] = info
         self.tensors = dict(sorted(infos.items()))
+        self._maps: dict[Path, np.memmap] = {}  # shard -> its copy-on-write map (see `mapped`)
 
     def _find_shards(self) -> list[Path]:
         if not self.is_dir:
@@ -133,6 +134,36 @@ class Checkpoint:
         if not data:
             return torch.empty(info.shape, dtype=info.dtype.torch)
         return torch.frombuffer(bytearray(data), dtype=info.dtype.torch).reshape(info.shape)
+
+    def mapped(self, names: Iterable[str]) -> dict[str, torch.Tensor] | None:
+        """Tensors memory-mapped from their files, not read: a shard's pages come from the page
+        cache as they are touched, and stay shared and clean (they can be dropped and read
+        again) while nothing writes them. The maps are copy-on-write (MAP_PRIVATE), so a write
+        would stay in this process, never reach the file. None where a tensor is not in this
+        checkpoint or its data does not start at a multiple of its dtype's width (the CPU
+        kernels read whole entries). The file must not be rewritten in place while the tensors
+        are in use (truncating it kills the reader with SIGBUS); replacing it (a new file renamed
+        over it, as dstcli writes its outputs) leaves the maps on the old one."""
+        import torch
+
+        out = {}
+        for name in names:
+            info = self.tensors.get(name)
+            if info is None or info.start % info.dtype.itemsize:
+                return None
+            if info.end == info.start:
+                out[name] = torch.empty(info.shape, dtype=info.dtype.torch)
+                continue
+            mm = self._maps.get(info.shard)
+            if mm is None:
+                try:
+                    mm = self._maps[info.shard] = np.memmap(info.shard, dtype=np.uint8, mode="c")
+                except (OSError, ValueError) as e:
+                    raise DstError(f"cannot map {info.shard}: {e}") from e
+            if info.end > len(mm):
+                raise DstError(f"{info.shard}: tensor {name!r} is truncated")
+            out[name] = torch.from_numpy(mm[info.start:info.end]).view(info.dtype.torch).view(info.shape)
+        return out
 
     def pieces(self, name: str, buf: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """One tensor's raw bytes, read piece by piece into `buf` (uint8, reused: a piece is

@@ -20,7 +20,9 @@ checkpoint):
     loss(batch).backward(); opt.step(); opt.zero_grad()
     stats = dst.project()
 
-Both give bit-identical parameters. The optimizer is untouched: a reset entry keeps its optimizer
+The lean one takes such a seed too (`seed=checkpoint.mapped(names)`, as `dstcli train` does on
+the CPU): the CPU kernels then read it where they would read a snapshot, and nothing is copied.
+All of these give bit-identical parameters. The optimizer is untouched: a reset entry keeps its optimizer
 state and can come back later (churn). Resets copy the seed bits exactly.
 
 On a GPU the lean step runs batched (`batched=None` decides): each bucket (then 4 largest tensors)
@@ -58,6 +60,13 @@ from dstcli.silos import allocate, budget_total, silo_rows
 # waits for the device, and holds ~13 bytes per entry of scratch (snapshot, updated copy,
 # distances, masks), so 4 keeps the scratch near 4% of a 1.3B model's fp32 training memory.
 BATCHED_BUCKET = 4
+# With a seed held (memory-mapped: no snapshot to size), the CPU kernels' tensor and row silos
+# default to buckets of this many largest tensors: fewer optimizer calls and kernel calls, the
+# extra memory only the kept entries' output (25M model, update-based DST / full step, buckets of
+# 1 / 4 / 16 largest tensors, epsilon 1e-1: bf16 tensor silo 1.054 / 1.048 / 1.041, row 1.052-1.055
+# / 1.050 / 1.042; fp32 tensor 1.026 / 1.024 / 1.020). Not the global silo: its pool then waits
+# longer for its first cut (1.105 / 1.143 at 1 / 16, bf16 1e-1).
+HELD_BUCKET = 16
 # Buckets hold at least this many entries (4 MB of fp32 scratch): on models whose tensors are all
 # small, each optimizer call and bucket costs more than its work (the bundled model's DST step:
 # buckets of its largest tensor, 65K entries, 1.08/1.18x full fine-tuning's at epsilon 1e-3/1e-2;
@@ -210,7 +219,9 @@ class DST:
             selects once, at the first step, and never again (static sparse tuning).
         seed: "copy" keeps a full copy of the seed (then call `project()` after each step);
             "none" keeps only the kept entries' seed values (then call `step(optimizers)`); or a
-            mapping name -> seed tensor (same shape and dtype, e.g. memory-mapped) for `project()`.
+            mapping name -> seed tensor (same shape and dtype, e.g. memory-mapped from the base
+            checkpoint: `Checkpoint.mapped`), never written, for either. `step` on the CPU
+            kernels reads a held seed in place of its snapshot (the same kept sets and bits).
         shards, gather: for parameters split over processes (FSDP): the tensors given are each
             process's slice, `shards[name] = (whole shape, first flat position of the slice)`,
             and `gather(values, positions)` concatenates 1-D tensors over processes in order.
@@ -265,14 +276,16 @@ class DST:
         # the CPU kernels can take a whole bucket in one call (kernels.many, kernels.pool_many);
         # the global silo's pool needs one dtype throughout
         bucket_kernels = (shards is None and all(map(kernels.serves, self.params.values()))
+                          and all(map(kernels.serves, (self.seed or {}).values()))
                           and (silo != "global" or len({p.dtype for p in self.params.values()}) == 1))
         if batched is None:  # GPUs: a kernel launch costs more than most tensors' work
             sizes = [p.numel() for p in self.params.values()]
             batched = (all(p.device.type == "cuda" for p in self.params.values())
                        or (silo == "global" and sum(sizes) < SMALL_TENSOR * len(sizes) and not bucket_kernels))
         self.batched = bool(batched) and self.seed is None and gather is None
-        # step a bucket, then project all its tensors in one kernel call (kernels.many)
-        self._many = not self.batched and self.seed is None and gather is None and bucket_kernels
+        # step a bucket, then project all its tensors in one kernel call (kernels.many); with a
+        # seed held (a copy or a mapping) the kernels read it in place of a snapshot
+        self._many = not self.batched and gather is None and bucket_kernels
         if self._many and silo == "global":  # the pool a step frees, kept for the next rather than
             heap.keep_freed(2 * sum(p.nbytes for p in self.params.values()))  # faulted in again (dstcli.heap)
         self._many_plans: dict[tuple, kernels.Bucket | list[int]] = {}
@@ -394,8 +407,8 @@ class DST:
             b = self._many_plan(names)
             params, views = self._snapshot_step(b, names, optimizers[names[0]])
             before = [self.kept[n] for n in names]
-            pos, seed_vals, out = kernels.many(b, params, views, [k.idx for k in before],
-                                               [k.seed_vals for k in before], self.distance, self._work)
+            pos, seed_vals, out = kernels.many(b, params, views, [k.idx for k in before], self._old_seeds(before),
+                                               self.distance, self._work)
             for n, idx, sv in zip(names, pos, seed_vals):
                 self.kept[n] = _Kept(idx, sv)
                 self._nonseed.pop(n, None)
@@ -470,8 +483,8 @@ class DST:
         `views`: their snapshots), a tensor whose sample misled through _global_share."""
         b = self._many_plan(names)
         bufs, off, out, whole = kernels.pool_many(b, params, views, [before[n] for n in names],
-                                                  [self.kept[n].seed_vals for n in names], self.distance, floor, K,
-                                                  self._work)
+                                                  self._old_seeds([self.kept[n] for n in names]), self.distance,
+                                                  floor, K, self._work)
         at = 0
         for t in [*np.flatnonzero(out[:, 0] < 0), len(names)]:  # the sample misled (rare): the torch path
             if t > at:
@@ -508,8 +521,13 @@ class DST:
     def _snapshot_step(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer):
         """Copy a bucket's tensors into the scratch, then step its optimizer; returns the tensors
         and their copies from before the step (flat; the scratch's views kept while it keeps
-        its memory, as _flat keeps the tensors')."""
+        its memory, as _flat keeps the tensors'). With a seed held, no copy: its flat views
+        (measured on the 25M model at epsilon 1e-1, the copy and the kept seeds written back
+        into it cost 3-7 ms a step; see BENCHMARKS.md)."""
         params = self._flat(names)
+        if self.seed is not None:
+            opt.step()
+            return params, self._flat(names, self.seed)
         scratch = self._buffer(int(b.n.sum()), params[0])
         key = ("scratch", names)
         if key not in self._views or self._views[key][0] != scratch.data_ptr():
@@ -519,14 +537,22 @@ class DST:
         opt.step()
         return params, views
 
-    def _flat(self, names: tuple[str, ...]) -> list[torch.Tensor]:
-        """The tensors' flat views, kept from step to step while each keeps its memory (a view
-        holds its memory, so a tensor given new memory has a new address): making them again
-        each step cost ~7 us a tensor, 0.36 ms a step on the bundled model with its snapshot's."""
-        ptrs = tuple(self.params[n].data_ptr() for n in names)
-        if names not in self._views or self._views[names][0] != ptrs:
-            self._views[names] = (ptrs, [self.params[n].detach().view(-1) for n in names])
-        return self._views[names][1]
+    def _flat(self, names: tuple[str, ...], of: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The tensors' flat views (of the parameters, or of `of`: the seed), kept from step to
+        step while each keeps its memory (a view holds its memory, so a tensor given new memory
+        has a new address): making them again each step cost ~7 us a tensor, 0.36 ms a step on
+        the bundled model with its snapshot's."""
+        of = self.params if of is None else of
+        key = names if of is self.params else ("seed", names)
+        ptrs = tuple(of[n].data_ptr() for n in names)
+        if key not in self._views or self._views[key][0] != ptrs:
+            self._views[key] = (ptrs, [of[n].detach().view(-1) for n in names])
+        return self._views[key][1]
+
+    def _old_seeds(self, before: list[_Kept]) -> list[torch.Tensor] | None:
+        """The kept seed values the kernels write back into a snapshot to make it the seed; None
+        where a seed is held (nothing to write back)."""
+        return None if self.seed is not None else [k.seed_vals for k in before]
 
     def _many_plan(self, names: tuple[str, ...]) -> kernels.Bucket:
         """A bucket's kernels.Bucket (made once, then kept in _many_plans): tensor silos of
@@ -760,8 +786,9 @@ class DST:
     def buckets(self, limit: int | None = None, *, tensors: int | None = None) -> list[list[str]]:
         """The parameters to step, grouped for one optimizer each: consecutive tensors of one dtype
         and device whose entries add up to at most `limit`, or else `tensors` times the largest
-        tensor's (default 1, or BATCHED_BUCKET for a batched DST), but at least BUCKET_MIN
-        entries. With 1, stepping a bucket at once keeps the snapshot at one tensor's size.
+        tensor's (default 1, BATCHED_BUCKET for a batched DST, HELD_BUCKET for tensor and row silos
+        on the CPU kernels with a seed held), but at least BUCKET_MIN entries. With 1, stepping a
+        bucket at once keeps the snapshot at one tensor's size.
         Fewer, larger optimizer calls save most of their per-call cost (one AdamW call per tensor
         of the bundled model took 4.7 ms per step against 2.8-3.6 ms for one call over all of
         them). A batched DST's default is BATCHED_BUCKET times the largest tensor: each bucket
@@ -773,7 +800,8 @@ class DST:
             if tensors is not None and tensors < 1:
                 raise DstError(f"a bucket must hold at least 1 tensor's worth of entries, got {tensors}")
             largest = max((self.params[n].numel() for n in order), default=0)
-            per = tensors if tensors is not None else (BATCHED_BUCKET if self.batched else 1)
+            held = self.seed is not None and self._many and self.silo != "global"
+            per = tensors if tensors is not None else (BATCHED_BUCKET if self.batched else HELD_BUCKET if held else 1)
             limit = max(largest * per, BUCKET_MIN)
         out: list[list[str]] = []
         size = 0

@@ -1280,7 +1280,8 @@ ROWS(f64, double, double, 64)
 /* dst_many_*: one bucket's projection after its optimizer step (engine._step_many), tensor by
  * tensor: x[t] (n[t] entries, updated) and x0[t] (its snapshot from before the step) of one
  * dtype. First x0[t] at old_idx[t] (n_old[t] ascending positions, the kept set before the step)
- * gets old_seed[t] back, which makes it the seed; then with spec[4t..4t+3] = (k, stride, j_lo,
+ * gets old_seed[t] back, which makes it the seed (old_seed[t] NULL: x0[t] is the seed already,
+ * e.g. memory-mapped from the base checkpoint, and is only read); then with spec[4t..4t+3] = (k, stride, j_lo,
  * j_hi), k > 0: dst_top_*, or k = -R <= 0: dst_rows_* over R rows (starts[t], rk[t], hint[t]).
  * Tensor t's kept positions and seed values are written from off[t] on (room: dst_top_*'s or
  * dst_rows_*'s), then all moved together in order. out[4t..4t+3]: how many are kept (-1: the
@@ -1403,7 +1404,7 @@ CHURN_MANY(64)
                               const int64_t *off, int64_t *out) {                            \
         typedef uint##BITS##_t U;                                                            \
         const int64_t *oi = old_idx[t];                                                      \
-        restore_##BITS((U *)x0[t], oi, old_seed[t], n_old[t]);                               \
+        if (old_seed[t]) restore_##BITS((U *)x0[t], oi, old_seed[t], n_old[t]);              \
         const int64_t *sp = spec + 4 * t;                                                    \
         int64_t *o = out + 4 * t, *p = pos + off[t], differ = 0, kept;                       \
         if (sp[0] > 0)                                                                       \
@@ -1433,7 +1434,7 @@ MANY(f64, double, double, 64)
 
 /* dst_pool_many_*: the global silo's share of each tensor of a bucket after its optimizer step
  * (engine._step_global_many), as engine._global_share takes it: x0[t] gets old_seed[t] back at
- * old_idx[t] (the seed again). Without a floor yet (has_floor 0), a tensor of at most K entries
+ * old_idx[t] (the seed again; old_seed[t] NULL: x0[t] is the seed, only read). Without a floor yet (has_floor 0), a tensor of at most K entries
  * is taken whole: every entry's distance and seed value, no position written and nothing reset
  * (out: n[t] and 0; the pool's next cut, told the part is whole, resets and counts: see
  * dst_cut_*), 8 bytes an entry where a share writes 16. Otherwise the entries above the pool's
@@ -1451,7 +1452,7 @@ MANY(f64, double, double, 64)
                               const int64_t *n_old, int kind, D floor, int has_floor, int64_t K, \
                               int64_t *pos, D *val, T *seed, const int64_t *off, int64_t *out) { \
         typedef uint##BITS##_t U;                                                            \
-        restore_##BITS((U *)x0[t], old_idx[t], old_seed[t], n_old[t]);                       \
+        if (old_seed[t]) restore_##BITS((U *)x0[t], old_idx[t], old_seed[t], n_old[t]);      \
         int64_t m = n[t], *p = pos + off[t], *o = out + 2 * t, differ = 0, kept;             \
         int64_t unused[2]; /* dst_top_*'s and dst_rows_*'s churn counts: no old kept set here */ \
         D *v = val + off[t];                                                                 \

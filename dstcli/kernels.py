@@ -476,7 +476,7 @@ class Bucket:
 
 
 def _bucket_call(name: str, b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
-                 old_seed: list[torch.Tensor], kind: str, work: dict | None, middle: tuple, ends: tuple,
+                 old_seed: list[torch.Tensor] | None, kind: str, work: dict | None, middle: tuple, ends: tuple,
                  outputs: list[torch.dtype], width: int, reuse: bool = False) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
     """dst_many_* or dst_pool_many_*: the arguments they share and their output buffers (one
     tensor per dtype in `outputs`, each tensor's part at its offset; with `reuse`, the bucket's
@@ -493,9 +493,10 @@ def _bucket_call(name: str, b: Bucket, x: list[torch.Tensor], x0: list[torch.Ten
     out = np.empty((T, width), dtype=np.int64)
     n_old = np.array([i.numel() for i in old_idx], dtype=np.int64)
     scratch = b.scratch(work if work is not None else {}, threads)
+    seeds = P() if old_seed is None else P(*[t.data_ptr() for t in old_seed])  # NULLs: nothing restored
     if getattr(_state["lib"], f"{name}_{_SUFFIX[b.dtype]}")(
             T, P(*[t.data_ptr() for t in x]), P(*[t.data_ptr() for t in x0]), b.n.ctypes.data, b.spec.ctypes.data,
-            *middle, P(*[t.data_ptr() for t in old_idx]), P(*[t.data_ptr() for t in old_seed]), n_old.ctypes.data,
+            *middle, P(*[t.data_ptr() for t in old_idx]), seeds, n_old.ctypes.data,
             KINDS[kind], *ends, scratch, threads,
             *[t.data_ptr() for t in bufs], off.ctypes.data, out.ctypes.data):
         raise MemoryError("out of memory for the row kernels' scratch")
@@ -503,9 +504,10 @@ def _bucket_call(name: str, b: Bucket, x: list[torch.Tensor], x0: list[torch.Ten
 
 
 def many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
-         old_seed: list[torch.Tensor], kind: str, work: dict | None = None) -> tuple[list, list, np.ndarray]:
+         old_seed: list[torch.Tensor] | None, kind: str, work: dict | None = None) -> tuple[list, list, np.ndarray]:
     """A bucket's projection in one call: x0[t] (x[t] before the optimizer step) gets old_seed[t]
-    back at old_idx[t] (the kept set before it), which makes it the seed, then each tensor is
+    back at old_idx[t] (the kept set before it), which makes it the seed (old_seed None: x0 are
+    the seeds already, e.g. memory-mapped, and are only read), then each tensor is
     projected as `top` or `rows` would (Bucket says which). Returns the kept positions and seed
     values of each tensor (views of one buffer), and per tensor (kept, differ, both, nonfinite):
     how many it keeps (-1: the sample misled; x[t] is untouched and x0[t] its seed: the caller
@@ -522,10 +524,10 @@ def many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list
 
 
 def pool_many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
-              old_seed: list[torch.Tensor], kind: str, floor: float | None, K: int,
+              old_seed: list[torch.Tensor] | None, kind: str, floor: float | None, K: int,
               work: dict | None = None) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray, np.ndarray]:
     """The global silo's shares of a bucket's tensors in one call (b: Bucket(..., pool=K)): x0[t]
-    made the seed as in `many`, then, without a floor, a tensor of at most K entries whole (every
+    made the seed as in `many` (or the seed already: old_seed None), then, without a floor, a tensor of at most K entries whole (every
     entry's distance and seed value, nothing reset: see Pool), else what `share` with the pool's
     floor (strict) takes, capped at K, else the tensor's own top-K; the rest of x[t] back to the
     seed. Returns the kept positions (not written for a whole tensor), seed values and distances

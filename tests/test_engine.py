@@ -35,24 +35,27 @@ def batches(n):
 @pytest.mark.parametrize("dist", ["absolute", "relative", "inverse-relative"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reselect", [1, 3, None])
-@pytest.mark.parametrize("mode", ["lean", "bucketed", "batched", "one", "copy", "mapped"])
+@pytest.mark.parametrize("mode", ["lean", "bucketed", "batched", "one", "copy", "mapped", "held"])
 def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect, mode):
     """The fast engine against the plain full-sort oracle, step after step. `lean` steps one
     AdamW per tensor and keeps no seed, `bucketed` one AdamW per DST.buckets() group ([a], [b, c]),
     `one` one AdamW over all three, `batched` as bucketed with each bucket projected in one batch
-    (what GPUs run); the reference steps one AdamW over all tensors."""
+    (what GPUs run), `held` as bucketed with a seed mapping held (the kernels read it in place of
+    a snapshot); `copy` and `mapped` call project() after plain steps; the reference steps one
+    AdamW over all tensors."""
     eps = 0.1
     model = Tiny(dtype)
     names = ["a", "b", "c"]
     seeds = [getattr(model, n).detach().clone() for n in names]
-    seed = {"copy": "copy", "mapped": {n: s.clone() for n, s in zip(names, seeds)}}.get(mode, "none")
+    mapping = {n: s.clone() for n, s in zip(names, seeds)}
+    seed = {"copy": "copy", "mapped": mapping, "held": mapping}.get(mode, "none")
     dst = DST([(n, getattr(model, n)) for n in names], epsilon=eps, silo=silo, distance=dist,
               reselect_every=reselect, seed=seed, batched=mode == "batched")
     assert dst.batched == (mode == "batched")
     ref_model = Tiny(dtype)
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=0.05)
     opts = {n: torch.optim.AdamW([getattr(model, n)], lr=0.05) for n in names}
-    if mode in ("bucketed", "batched", "one"):
+    if mode in ("bucketed", "batched", "one", "held"):
         # `bucketed` as a model whose largest tensor is past BUCKET_MIN would be; batched buckets
         # default to 4 largest tensors: all three here
         groups = dst.buckets(limit=10**9 if mode == "one" else None if dst.batched else 120)
@@ -62,7 +65,7 @@ def test_engine_matches_reference_bit_for_bit(silo, dist, dtype, reselect, mode)
     for step, x in enumerate(batches(7), 1):
         for o in (*opts.values(), ref_opt):
             o.zero_grad()
-        lean = mode in ("lean", "bucketed", "batched", "one")
+        lean = mode in ("lean", "bucketed", "batched", "one", "held")
         model.loss(x).backward()
         ref_model.loss(x).backward()
         ref_opt.step()

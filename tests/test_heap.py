@@ -101,6 +101,7 @@ def test_the_global_silo_on_the_kernels_keeps_twice_its_parameters(monkeypatch):
     ps = [(f"w{i}", torch.nn.Parameter(torch.randn(64, 64))) for i in range(3)]
     DST(ps, epsilon=0.1, silo="global", seed="none")
     assert asked == [2 * 3 * 64 * 64 * 4]
-    DST(ps, epsilon=0.1, silo="global", seed="copy")  # project() with a seed copy: not the kernels' step
+    DST(ps, epsilon=0.1, silo="global", seed="copy")  # a seed held: step() reads it on the kernels
+    assert asked == [2 * 3 * 64 * 64 * 4] * 2
     DST(ps, epsilon=0.1, silo="tensor", seed="none")  # tensor silos free little from step to step
-    assert len(asked) == 1
+    assert len(asked) == 2

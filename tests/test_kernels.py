@@ -262,13 +262,15 @@ def test_many_is_top_and_rows_a_tensor_at_a_time(sizes, dtype, kind, case, seed,
     """kernels.many over a bucket (tensor silos by dst_top_*, silos along rows and small ones by
     dst_rows_*) on 2 threads and 1: each tensor as kernels.top / kernels.rows leave it, its kept
     positions and seed values, the counts (kept, differ, kept before too, non-finite), the seed
-    put back into the snapshot, the rows' hints; a tensor whose sample misled untouched (-1)."""
+    put back into the snapshot, the rows' hints; a tensor whose sample misled untouched (-1).
+    Given the seed itself (old_seed None, as a memory-mapped seed), the same, and the seed is
+    only read."""
     xs, snaps, seeds, olds, old_vals, b, want = many_case(sizes, dtype, kind, case, seed, data.draw)
     work = {}
-    for _ in threads():
-        x, x0 = [t.clone() for t in xs], [t.clone() for t in snaps]
+    def check(before, vals):
+        x, x0 = [t.clone() for t in xs], [t.clone() for t in before]
         hints = [rw[2].copy() for rw in b.rows if rw is not None]
-        pos, seed_vals, out = kernels.many(b, x, x0, olds, old_vals, kind, work)
+        pos, seed_vals, out = kernels.many(b, x, x0, olds, vals, kind, work)
         for t, w in enumerate(want):
             assert torch.equal(bits_view(x0[t]), bits_view(seeds[t]))  # the seed again
             if w is None:
@@ -279,6 +281,10 @@ def test_many_is_top_and_rows_a_tensor_at_a_time(sizes, dtype, kind, case, seed,
         for rw, h in zip([rw for rw in b.rows if rw is not None], hints):  # this call's hints, then reset
             assert np.all(rw[2] >= 0)
             rw[2][:] = h
+
+    for _ in threads():
+        check(snaps, old_vals)
+    check(seeds, None)
 
 
 def _bracket_misses(v: np.ndarray, K: int, stride: int, j_lo: int, j_hi: int) -> bool:
@@ -724,12 +730,17 @@ def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
     kernels switched off: the same parameters, kept sets, seed values and step statistics
     (non-seed entries, churn, non-finite kept entries), bit for bit. Two buckets (one optimizer
     over four tensors, one over one), a tensor of PARALLEL_MIN entries or more (all threads on it)
-    and smaller ones (a thread each), one under SAMPLED_MIN, a frozen one, a NaN gradient."""
-    def run(many=True):
+    and smaller ones (a thread each), one under SAMPLED_MIN, a frozen one, a NaN gradient. And
+    with the seed held (a mapping, as `dstcli train` maps the base): the kernels read it in place
+    of a snapshot, never writing it."""
+    def run(many=True, held=False):
         g = torch.Generator().manual_seed(0)
         params = {f"w{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype))
                   for i, s in enumerate([(300, 100), (64, 512), (40_000,), (600, 500), (100,), (3,)])}
-        dst = DST(params.items(), epsilon=0.05, silo=silo, seed="none", batched=False)  # per tensor
+        seed = {n: p.detach().clone() for n, p in params.items()} if held else "none"
+        first_seen = {n: p.detach().clone() for n, p in params.items()}
+        dst = DST(params.items(), epsilon=0.05, silo=silo, seed=seed, batched=False)  # per tensor
+        assert dst._many == (kernels.lib() is not None)
         dst._many = dst._many and many
         ps = list(params.values())
         rest = [n for n in ("w4", "w5") if n not in dst.frozen]  # w5: frozen in tensor and row silos
@@ -743,6 +754,9 @@ def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
                 ps[1].grad.view(-1)[7] = float("nan")
             st = dst.step(opts)
             stats.append((st.nonseed, st.entered, st.left, dst.nonfinite()))
+        if held:  # read in place, never written
+            assert all(dst.seed[n] is seed[n] and torch.equal(bits_view(seed[n]), bits_view(first_seen[n]))
+                       for n in params)
         return ({n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()},
                 {n: k.seed_vals for n, k in dst.kept.items()}, stats)
 
@@ -753,11 +767,14 @@ def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
     fused, one_thread = [run() for _ in threads()]
     assert {"tensor": "many", "global": "pool_many", "row": "many"}[silo] in calls  # the fused path ran
     calls.clear()
+    held = run(held=True)
+    assert {"tensor": "many", "global": "pool_many", "row": "many"}[silo] in calls
+    calls.clear()
     single = run(many=False)
     assert "many" not in calls and {"tensor": "top", "global": "share", "row": "rows"}[silo] in calls
     monkeypatch.setitem(kernels._state, "lib", None)  # as without a compiler
     plain = run()
-    for other in (one_thread, single, plain):
+    for other in (one_thread, held, single, plain):
         for a, b in zip(fused[:3], other[:3]):
             assert a.keys() == b.keys() and all(torch.equal(bits_view(a[n]), bits_view(b[n])) for n in a)
         assert fused[3] == other[3]

@@ -72,14 +72,50 @@ def test_global_silo_batched_on_the_cpu_gives_the_default_patch(tmp_path, monkey
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw, batched=True)
     monkeypatch.setattr(T, "DST", Batched)
+    monkeypatch.setenv("DSTCLI_MAP_SEED", "0")  # batched steps project against snapshots
     train(TrainOptions(output=str(tmp_path / "batched.dst"), silo="global", **run))
     assert made == [kernels.lib() is None, True]
     assert (tmp_path / "batched.dst").read_bytes() == (tmp_path / "default.dst").read_bytes()
 
 
+@pytest.mark.parametrize("silo,weights", [("tensor", "bf16"), ("global", "fp32"), ("row", "fp32")])
+def test_the_seed_is_mapped_from_the_base_and_gives_the_same_patch(tmp_path, monkeypatch, silo, weights):
+    """On the CPU the engine reads the base's tensors memory-mapped as its seed (no snapshots):
+    the patch is byte for byte the one DSTCLI_MAP_SEED=0 (snapshots) writes, and the base file
+    is untouched."""
+    import dstcli.train as T
+    from dstcli import kernels
+    from dstcli.engine import DST
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    base.mkdir()
+    src = samples_dir() / "tiny-gpt"
+    (base / "config.json").write_text((src / "config.json").read_text())
+    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
+    save_file({k: v.to(dtype) for k, v in load_file(str(src / "model.safetensors")).items()},
+              str(base / "model.safetensors"))
+    before = (base / "model.safetensors").read_bytes()
+    held = []
+
+    class Spy(DST):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            held.append((self.seed is not None, self._many))
+    monkeypatch.setattr(T, "DST", Spy)
+    run = dict(base=str(base), steps=6, batch_size=4, seq_len=48, epsilon=5e-2, silo=silo, reselect_every=2)
+    train(TrainOptions(output=str(tmp_path / "mapped.dst"), **run))
+    monkeypatch.setenv("DSTCLI_MAP_SEED", "0")
+    train(TrainOptions(output=str(tmp_path / "snapshots.dst"), **run))
+    assert held == [(True, kernels.lib() is not None), (False, kernels.lib() is not None)]
+    assert (tmp_path / "mapped.dst").read_bytes() == (tmp_path / "snapshots.dst").read_bytes()
+    assert (base / "model.safetensors").read_bytes() == before
+
+
 def test_bucket_option_changes_the_buckets_not_the_patch(tmp_path, monkeypatch):
-    """`dstcli train --bucket N` groups more tensors per optimizer call (one bucket for the whole
-    bundled model at 64) and writes the same bytes; it is left out of the patch header."""
+    """`dstcli train --bucket N` sets how many tensors an optimizer call takes and writes the same
+    bytes; it is left out of the patch header. The bundled model: by default (its base mapped,
+    DST.HELD_BUCKET) and at 64 one bucket, at 1 two (BUCKET_MIN entries each)."""
     import dstcli.train as T
     from dstcli.engine import DST
 
@@ -92,11 +128,12 @@ def test_bucket_option_changes_the_buckets_not_the_patch(tmp_path, monkeypatch):
             return out
     monkeypatch.setattr(T, "DST", Spy)
     args = ["train", "--steps", "4", "--batch-size", "4", "--epsilon", "0.01", "--seq-len", "48"]
-    for name, extra in (("default", []), ("one", ["--bucket", "64"])):
+    for name, extra in (("default", []), ("one", ["--bucket", "64"]), ("small", ["--bucket", "1"])):
         r = CliRunner().invoke(app, [*args, *extra, "-o", str(tmp_path / f"{name}.dst")])
         assert r.exit_code == 0, r.output
-    assert sizes == [2, 1]
+    assert sizes == [1, 1, 2]
     assert (tmp_path / "default.dst").read_bytes() == (tmp_path / "one.dst").read_bytes()
+    assert (tmp_path / "default.dst").read_bytes() == (tmp_path / "small.dst").read_bytes()
     r = CliRunner().invoke(app, [*args, "--bucket", "0", "-o", str(tmp_path / "zero.dst")])
     assert isinstance(r.exception, DstError) and "--bucket must be at least 1" in str(r.exception)
     assert not (tmp_path / "zero.dst").exists()
