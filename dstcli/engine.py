@@ -289,7 +289,7 @@ class DST:
         if self._many and silo == "global":  # the pool a step frees, kept for the next rather than
             heap.keep_freed(2 * sum(p.nbytes for p in self.params.values()))  # faulted in again (dstcli.heap)
         self._many_plans: dict[tuple, kernels.Bucket | list[int]] = {}
-        self._views: dict[tuple, tuple] = {}  # see _flat and _snapshot_step
+        self._views: dict[tuple, tuple] = {}  # see _flat and _step_with_seed
         self._counted = False  # whether the last step counted the non-finite kept entries
         # first name -> (names, kept objects, positions in each tensor, seed values, kept per tensor)
         self._bucket_kept: dict[str, tuple] = {}
@@ -405,7 +405,7 @@ class DST:
         both = new = old = 0
         for names in self._buckets(groups):
             b = self._many_plan(names)
-            params, views = self._snapshot_step(b, names, optimizers[names[0]])
+            params, views = self._step_with_seed(b, names, optimizers[names[0]])
             before = [self.kept[n] for n in names]
             pos, seed_vals, out = kernels.many(b, params, views, [k.idx for k in before], self._old_seeds(before),
                                                self.distance, self._work)
@@ -444,7 +444,7 @@ class DST:
         floor = None
         for names in self._buckets(groups):
             b = self._many_plan(names)
-            params, views = self._snapshot_step(b, names, optimizers[names[0]])
+            params, views = self._step_with_seed(b, names, optimizers[names[0]])
             at, ends = 0, self._pool_chunks(names, K)
             while at < len(names):  # before the first cut, chunks of at most 4K candidates (after it, few)
                 end = next(e for e in ends if e > at) if floor is None else len(names)
@@ -518,12 +518,13 @@ class DST:
         got = pool.kth(K, *sparse_bracket(pool.size, K), self._work.setdefault("cut", {}))
         return got if got is not None else kth_largest(pool.values(), K)
 
-    def _snapshot_step(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer):
-        """Copy a bucket's tensors into the scratch, then step its optimizer; returns the tensors
-        and their copies from before the step (flat; the scratch's views kept while it keeps
-        its memory, as _flat keeps the tensors'). With a seed held, no copy: its flat views
-        (measured on the 25M model at epsilon 1e-1, the copy and the kept seeds written back
-        into it cost 3-7 ms a step; see BENCHMARKS.md)."""
+    def _step_with_seed(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer):
+        """Step a bucket's optimizer; returns its tensors and what the kernels take as their seed
+        (flat): with a seed held, its views; else copies of the tensors from before the step
+        (a snapshot in the scratch, whose views are kept while it keeps its memory, as _flat
+        keeps the tensors'), which the kernels make the seed by writing the kept seed values
+        back. On the 25M model at epsilon 1e-1 the copy and the writing back cost 3-7 ms a step
+        (BENCHMARKS.md, "The seed memory-mapped from the base")."""
         params = self._flat(names)
         if self.seed is not None:
             opt.step()

@@ -1281,8 +1281,8 @@ ROWS(f64, double, double, 64)
  * tensor: x[t] (n[t] entries, updated) and x0[t] (its snapshot from before the step) of one
  * dtype. First x0[t] at old_idx[t] (n_old[t] ascending positions, the kept set before the step)
  * gets old_seed[t] back, which makes it the seed (old_seed[t] NULL: x0[t] is the seed already,
- * e.g. memory-mapped from the base checkpoint, and is only read); then with spec[4t..4t+3] = (k, stride, j_lo,
- * j_hi), k > 0: dst_top_*, or k = -R <= 0: dst_rows_* over R rows (starts[t], rk[t], hint[t]).
+ * e.g. memory-mapped from the base checkpoint, and is only read); then with spec[4t..4t+3] =
+ * (k, stride, j_lo, j_hi), k > 0: dst_top_*, or k = -R <= 0: dst_rows_* over R rows (starts[t], rk[t], hint[t]).
  * Tensor t's kept positions and seed values are written from off[t] on (room: dst_top_*'s or
  * dst_rows_*'s), then all moved together in order. out[4t..4t+3]: how many are kept (-1: the
  * sample misled, x[t] untouched but x0[t] the seed; nothing of it is written), how many of them
@@ -1433,18 +1433,18 @@ MANY(bf16, uint16_t, float, 16)
 MANY(f64, double, double, 64)
 
 /* dst_pool_many_*: the global silo's share of each tensor of a bucket after its optimizer step
- * (engine._step_global_many), as engine._global_share takes it: x0[t] gets old_seed[t] back at
- * old_idx[t] (the seed again; old_seed[t] NULL: x0[t] is the seed, only read). Without a floor yet (has_floor 0), a tensor of at most K entries
- * is taken whole: every entry's distance and seed value, no position written and nothing reset
- * (out: n[t] and 0; the pool's next cut, told the part is whole, resets and counts: see
- * dst_cut_*), 8 bytes an entry where a share writes 16. Otherwise the entries above the pool's
- * floor, if at most K (dst_share_*), else the tensor's own top-K (dst_top_* where spec[4t] > 0,
- * as dst_many_*; else dst_rows_* over one row); the rest of x[t] goes back to the seed. Tensor
- * t's kept positions, seed values and distances are written from off[t] on (ascending; room:
- * min(n[t], dst_threads() * K) + 16 * dst_threads() + 16 from PARALLEL_MIN entries on, else
- * min(n[t], K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many (-1: dst_top_*'s sample
- * misled, x[t] as the share left it - its top-K untouched - and x0[t] the seed), how many differ
- * from the seed. Tensors under PARALLEL_MIN entries a thread each, as
+ * (engine._step_pool_many), as engine._global_share takes it: x0[t] gets old_seed[t] back at
+ * old_idx[t] (the seed again; old_seed[t] NULL: x0[t] is the seed, only read). Without a floor
+ * yet (has_floor 0), a tensor of at most K entries is taken whole: every entry's distance and
+ * seed value, no position written and nothing reset (out: n[t] and 0; the pool's next cut, told
+ * the part is whole, resets and counts: see dst_cut_*), 8 bytes an entry where a share writes 16.
+ * Otherwise the entries above the pool's floor, if at most K (dst_share_*), else the tensor's own
+ * top-K (dst_top_* where spec[4t] > 0, as dst_many_*; else dst_rows_* over one row); the rest of
+ * x[t] goes back to the seed. Tensor t's kept positions, seed values and distances are written
+ * from off[t] on (ascending; room: min(n[t], dst_threads() * K) + 16 * dst_threads() + 16 from
+ * PARALLEL_MIN entries on, else min(n[t], K) + 16 * dst_threads() + 16). out[2t..2t+1]: how many
+ * (-1: dst_top_*'s sample misled, x[t] as the share left it - its top-K untouched - and x0[t] the
+ * seed), how many differ from the seed. Tensors under PARALLEL_MIN entries a thread each, as
  * dst_many_* (scratch: sets of 4 pointers). Returns 0, -1 where memory ran out. */
 #define POOL_MANY(SUF, T, D, BITS, LOAD, DIST)                                               \
     static int pool_one_##SUF(int64_t t, void **sc, T **x, T **x0, const int64_t *n, const int64_t *spec, \
