@@ -140,8 +140,9 @@ class Checkpoint:
         cache as they are touched, and stay shared and clean (they can be dropped and read
         again) while nothing writes them. The maps are copy-on-write (MAP_PRIVATE), so a write
         would stay in this process, never reach the file. None where a tensor is not in this
-        checkpoint or its data does not start at a multiple of its dtype's width (the CPU
-        kernels read whole entries). The file must not be rewritten in place while the tensors
+        checkpoint, its data does not start at a multiple of its dtype's width (the CPU kernels
+        read whole entries) or its file cannot be mapped (some file systems): the caller reads
+        instead. The file must not be rewritten in place while the tensors
         are in use (truncating it kills the reader with SIGBUS); replacing it (a new file renamed
         over it, as dstcli writes its outputs) leaves the maps on the old one."""
         import torch
@@ -158,10 +159,10 @@ class Checkpoint:
             if mm is None:
                 try:
                     mm = self._maps[info.shard] = np.memmap(info.shard, dtype=np.uint8, mode="c")
-                except (OSError, ValueError) as e:
-                    raise DstError(f"cannot map {info.shard}: {e}") from e
-            if info.end > len(mm):
-                raise DstError(f"{info.shard}: tensor {name!r} is truncated")
+                except (OSError, ValueError):
+                    return None
+            if info.end > len(mm):  # shortened since its header was read
+                return None
             out[name] = torch.from_numpy(mm[info.start:info.end]).view(info.dtype.torch).view(info.shape)
         return out
 

@@ -45,3 +45,16 @@ def test_a_tensor_not_aligned_to_its_width_is_not_mapped(tmp_path):
     assert ck.mapped(["b"]) is None and ck.mapped(["a", "b"]) is None
     assert torch.equal(ck.mapped(["a"])["a"], torch.tensor([1.5], dtype=torch.bfloat16))
     assert torch.equal(ck.read("b"), torch.tensor([2.0, -3.0]))
+
+
+def test_a_file_that_cannot_be_mapped_is_not(tmp_path, monkeypatch):
+    """Some file systems refuse mmap: `mapped` answers None (dstcli train then snapshots)."""
+    import numpy as np
+
+    save_file({"w": torch.ones(4)}, str(tmp_path / "m.safetensors"))
+    ck = Checkpoint(tmp_path / "m.safetensors")
+
+    def refuse(*a, **k):
+        raise OSError(19, "No such device")
+    monkeypatch.setattr(np, "memmap", refuse)
+    assert ck.mapped(["w"]) is None
