@@ -142,9 +142,9 @@ class Checkpoint:
         would stay in this process, never reach the file. None where a tensor is not in this
         checkpoint, its data does not start at a multiple of its dtype's width (the CPU kernels
         read whole entries) or its file cannot be mapped (some file systems): the caller reads
-        instead. The file must not be rewritten in place while the tensors
-        are in use (truncating it kills the reader with SIGBUS); replacing it (a new file renamed
-        over it, as dstcli writes its outputs) leaves the maps on the old one."""
+        instead. The file must not be rewritten in place while the tensors are in use (truncating
+        it kills the reader with SIGBUS); replacing it (a new file renamed over it, as dstcli
+        writes its outputs) leaves the maps on the old one."""
         import torch
 
         out = {}

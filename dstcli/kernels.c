@@ -1282,7 +1282,8 @@ ROWS(f64, double, double, 64)
  * dtype. First x0[t] at old_idx[t] (n_old[t] ascending positions, the kept set before the step)
  * gets old_seed[t] back, which makes it the seed (old_seed[t] NULL: x0[t] is the seed already,
  * e.g. memory-mapped from the base checkpoint, and is only read); then with spec[4t..4t+3] =
- * (k, stride, j_lo, j_hi), k > 0: dst_top_*, or k = -R <= 0: dst_rows_* over R rows (starts[t], rk[t], hint[t]).
+ * (k, stride, j_lo, j_hi), k > 0: dst_top_*, or k = -R <= 0: dst_rows_* over R rows (starts[t],
+ * rk[t], hint[t]).
  * Tensor t's kept positions and seed values are written from off[t] on (room: dst_top_*'s or
  * dst_rows_*'s), then all moved together in order. out[4t..4t+3]: how many are kept (-1: the
  * sample misled, x[t] untouched but x0[t] the seed; nothing of it is written), how many of them

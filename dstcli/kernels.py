@@ -526,16 +526,16 @@ def many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list
 def pool_many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list[torch.Tensor],
               old_seed: list[torch.Tensor] | None, kind: str, floor: float | None, K: int,
               work: dict | None = None) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray, np.ndarray]:
-    """The global silo's shares of a bucket's tensors in one call (b: Bucket(..., pool=K)): x0[t]
-    made the seed as in `many` (or the seed already: old_seed None), then, without a floor, a tensor of at most K entries whole (every
-    entry's distance and seed value, nothing reset: see Pool), else what `share` with the pool's
-    floor (strict) takes, capped at K, else the tensor's own top-K; the rest of x[t] back to the
-    seed. Returns the kept positions (not written for a whole tensor), seed values and distances
-    (float32, float64 for float64 tensors), per tensor (kept, differ): how many (-1: the sample
-    misled, x[t]'s top-K untouched and x0[t] its seed: the caller takes the other path) and how
-    many of those differ from the seed bit for bit (0 for a whole tensor, counted by the cut),
-    and which tensors were taken whole (1, else 0). The first three come as buffers with each
-    tensor's part at its offset, for Pool.add: `b.bufs`, allocated where None and written again
+    """The global silo's shares of a bucket's tensors in one call (b: Bucket(..., pool=K)): x0[t] made
+    the seed as in `many` (or the seed already: old_seed None), then, without a floor, a tensor of
+    at most K entries whole (every entry's distance and seed value, nothing reset: see Pool), else
+    what `share` with the pool's floor (strict) takes, capped at K, else the tensor's own top-K; the
+    rest of x[t] back to the seed. Returns the kept positions (not written for a whole tensor), seed
+    values and distances (float32, float64 for float64 tensors), per tensor (kept, differ): how many
+    (-1: the sample misled, x[t]'s top-K untouched and x0[t] its seed: the caller takes the other
+    path) and how many of those differ from the seed bit for bit (0 for a whole tensor, counted by
+    the cut), and which tensors were taken whole (1, else 0). The first three come as buffers with
+    each tensor's part at its offset, for Pool.add: `b.bufs`, allocated where None and written again
     by its next call (the pool's last cut copies what must last)."""
     (pos, val, seed), off, out = _bucket_call("dst_pool_many", b, x, x0, old_idx, old_seed, kind, work, (),
                                               (0.0 if floor is None else floor, int(floor is not None), K),

@@ -22,6 +22,17 @@ from dstcli.train import TrainOptions, evaluate, samples_dir, train
 SMALL = dict(steps=25, batch_size=8, lr=1e-2, epsilon=1e-2, warmup=5)
 
 
+def bundled_base(directory, dtype):
+    """The bundled model as a base directory with its weights in `dtype`."""
+    from safetensors.torch import load_file, save_file
+    src = samples_dir() / "tiny-gpt"
+    directory.mkdir()
+    (directory / "config.json").write_text((src / "config.json").read_text())
+    save_file({k: v.to(dtype) for k, v in load_file(str(src / "model.safetensors")).items()},
+              str(directory / "model.safetensors"))
+    return directory
+
+
 def load_model(directory):
     model = GPT(load_config(directory))
     ck = Checkpoint(directory if (directory / "model.safetensors").exists() else directory)
@@ -86,15 +97,8 @@ def test_the_seed_is_mapped_from_the_base_and_gives_the_same_patch(tmp_path, mon
     import dstcli.train as T
     from dstcli import kernels
     from dstcli.engine import DST
-    from safetensors.torch import load_file, save_file
 
-    base = tmp_path / "base"
-    base.mkdir()
-    src = samples_dir() / "tiny-gpt"
-    (base / "config.json").write_text((src / "config.json").read_text())
-    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
-    save_file({k: v.to(dtype) for k, v in load_file(str(src / "model.safetensors")).items()},
-              str(base / "model.safetensors"))
+    base = bundled_base(tmp_path / "base", torch.bfloat16 if weights == "bf16" else torch.float32)
     before = (base / "model.safetensors").read_bytes()
     held = []
 
@@ -232,12 +236,8 @@ def test_base_as_a_file_and_exclude_patterns(tmp_path):
 
 
 def test_a_bf16_checkpoint_trains_in_bf16_and_its_patch_applies(tmp_path):
-    from safetensors.torch import load_file, save_file
-    src = samples_dir() / "tiny-gpt"
-    (tmp_path / "bf16").mkdir()
-    (tmp_path / "bf16" / "config.json").write_text((src / "config.json").read_text())
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(src / "model.safetensors")).items()},
-              str(tmp_path / "bf16" / "model.safetensors"))
+    from safetensors.torch import load_file
+    bundled_base(tmp_path / "bf16", torch.bfloat16)
     res = train(TrainOptions(base=str(tmp_path / "bf16"), output=str(tmp_path / "p.dst"), steps=5, batch_size=4,
                              seq_len=48, epsilon=1e-2))
     assert {e["dtype"] for e in Patch(res.output).tensors.values()} == {"bfloat16"}
