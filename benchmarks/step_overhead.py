@@ -89,7 +89,8 @@ class Obvious:
 
 class Runner:
     def __init__(self, mode: str, cfg: GPTConfig, eps: float, silo: str, device: torch.device, weights: torch.dtype,
-                 bucket: float | None = None, batched: bool | None = None, seed: str = "snapshot"):
+                 bucket: float | None = None, batched: bool | None = None, seed: str = "snapshot",
+                 pool: bool = False):
         torch.manual_seed(0)
         with device:  # initialized where it runs (a 1.3B model's init on the CPU takes a minute)
             self.model = GPT(cfg)
@@ -110,6 +111,8 @@ class Runner:
                 save_file({n: p.detach() for n, p in named.items()}, path)
                 held = Checkpoint(path).mapped(list(named))
             self.dst = DST(named.items(), epsilon=eps, silo=silo, seed=held, batched=batched)
+            if pool:  # the global silo's pool at every step, as before the band (an A/B only)
+                self.dst._band_wait = 1 << 62
             # as `dstcli train` does: one AdamW per bucket of tensors
             limit = None if bucket is None else int(bucket * max(p.numel() for p in named.values()))
             self.opts = bucket_optimizers(self.dst.buckets(limit), named, adamw)
@@ -152,7 +155,7 @@ def child(args) -> None:
     cfg = MODELS[args.models[0]]
     weights = torch.bfloat16 if args.weights == "bf16" else torch.float32
     r = Runner(args.child, cfg, args.eps[0], args.silos[0], device, weights, args.bucket, BATCHED[args.batched],
-               args.seed)
+               args.seed, args.pool)
     for x in batches(cfg, args, device, args.steps):
         r.step(x)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec;
@@ -168,14 +171,14 @@ def peak_memory_mb(mode: str, model: str, eps: float, silo: str, args) -> str:
         torch.cuda.reset_peak_memory_stats()
         cfg = MODELS[model]
         r = Runner(mode, cfg, eps, silo, torch.device("cuda"), torch.bfloat16 if args.weights == "bf16" else torch.float32,
-                   args.bucket, BATCHED[args.batched], args.seed)
+                   args.bucket, BATCHED[args.batched], args.seed, args.pool)
         for x in batches(cfg, args, torch.device("cuda"), 3):
             r.step(x)
         del r
         return f"{torch.cuda.max_memory_allocated() / 2**20:.0f}"
     cmd = [sys.executable, __file__, "--child", mode, "--models", model, "--eps", str(eps), "--silos", silo,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", "3", "--device", args.device,
-           "--weights", args.weights, "--batched", args.batched, "--seed", args.seed] + (["--bucket", str(args.bucket)] if args.bucket else [])
+           "--weights", args.weights, "--batched", args.batched, "--seed", args.seed] + (["--bucket", str(args.bucket)] if args.bucket else []) + (["--pool"] if args.pool else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     got = json.loads(out.stdout.strip().splitlines()[-1])
     return f"{got['peak_rss_mb']:.0f} / {got['file_mb']:.0f}"
@@ -216,6 +219,8 @@ def main() -> None:
                     help="DST's batched step: auto (DST's own choice), on or off")
     ap.add_argument("--seed", choices=["mapped", "snapshot"],
                     help="DST's seed: the base memory-mapped, or snapshots (default: mapped on cpu, as dstcli train)")
+    ap.add_argument("--pool", action="store_true",
+                    help="the global silo with a seed held takes its pool at every step, not the band (an A/B)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler's top operations of one DST update per configuration")
@@ -230,7 +235,8 @@ def main() -> None:
     modes = [m for m in MODES if not (args.no_obvious and m == "obvious")]
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {dev}, torch {torch.__version__}, batch {args.batch}x{args.seq} tokens, {args.weights} weights, "
-          f"median of {args.steps} interleaved steps, batched step {args.batched}, DST seed {args.seed}, DST buckets "
+          f"median of {args.steps} interleaved steps, batched step {args.batched}, DST seed {args.seed}"
+          + (", the global silo's pool" if args.pool else "") + ", DST buckets "
           + (f"{args.bucket:g} largest tensors" if args.bucket else "DST.buckets' default"))
     print("| model | params | epsilon | silo | full ms | dst ms | obvious ms | dst / full | obvious / full | "
           "update ms full / dst / obvious | dst / full by updates |"
@@ -242,7 +248,7 @@ def main() -> None:
             for eps in args.eps:
                 try:
                     runners = {m: Runner(m, cfg, eps, silo, device, weights, args.bucket, BATCHED[args.batched],
-                                         args.seed) for m in modes}
+                                         args.seed, args.pool) for m in modes}
                 except DstError as e:  # e.g. row silos at epsilon 1e-6: every budget is zero
                     print(f"| {model} | | {eps:g} | {silo} | {e} |||||")
                     continue

@@ -228,7 +228,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, help="Continue the run saved in this state directory, with its options."),
     max_bad_steps: int = typer.Option(5, help="Skip steps with NaN/inf loss or gradients; stop after this many in a row."),
     strategy: str = typer.Option("none", help="Under torchrun: ddp (a full replica per process) or fsdp (parameters sharded over processes)."),
-    bucket: Optional[int] = typer.Option(None, help="Entries per optimizer call and projection, in largest tensors (default 4 on a GPU; on the CPU 16 for tensor and row silos with the base memory-mapped, else 1): larger is faster, costs scratch on a GPU (~13 bytes an entry) or with snapshots; same patch."),
+    bucket: Optional[int] = typer.Option(None, help="Entries per optimizer call and projection, in largest tensors (default 4 on a GPU; on the CPU 16 with the base memory-mapped, else 1): larger is faster, costs scratch on a GPU (~13 bytes an entry) or with snapshots; same patch."),
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
     """Fine-tune BASE on DATA with Dynamic Subset Tuning; write the result as a sparse patch."""

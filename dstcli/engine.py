@@ -41,6 +41,7 @@ which are projected together at the end of the step or every BUCKET_MIN entries 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -51,7 +52,7 @@ from dstcli import heap, kernels
 from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
-from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, kth_largest, positions_above, rows_indices, rows_keep,
+from dstcli.select import (SAMPLED_MIN, DISTANCES, _sample_ends, distance, kth_largest, positions_above, rows_indices, rows_keep,
                            segments_keep, sparse_bracket, top_indices)
 from dstcli.silos import allocate, budget_total, silo_rows
 
@@ -60,12 +61,11 @@ from dstcli.silos import allocate, budget_total, silo_rows
 # waits for the device, and holds ~13 bytes per entry of scratch (snapshot, updated copy,
 # distances, masks), so 4 keeps the scratch near 4% of a 1.3B model's fp32 training memory.
 BATCHED_BUCKET = 4
-# With a seed held (memory-mapped: no snapshot to size), the CPU kernels' tensor and row silos
-# default to buckets of this many largest tensors: fewer optimizer calls and kernel calls, the
-# extra memory only the kept entries' output (25M model, update-based DST / full step, buckets of
-# 1 / 4 / 16 largest tensors, epsilon 1e-1: bf16 tensor silo 1.054 / 1.048 / 1.041, row 1.052-1.055
-# / 1.050 / 1.042; fp32 tensor 1.026 / 1.024 / 1.020). Not the global silo: its pool then waits
-# longer for its first cut (1.105 / 1.143 at 1 / 16, bf16 1e-1).
+# With a seed held (memory-mapped: no snapshot to size), the CPU kernels' steps default to
+# buckets of this many largest tensors: fewer optimizer calls and kernel calls, the extra memory
+# only the kept entries' output (25M model, update-based DST / full step, buckets of 1 / 4 / 16
+# largest tensors, epsilon 1e-1: bf16 tensor silo 1.054 / 1.048 / 1.041, row 1.052-1.055 / 1.050
+# / 1.042; fp32 tensor 1.026 / 1.024 / 1.020; bf16 global silo's band 1.043 / 1.039 / 1.036).
 HELD_BUCKET = 16
 # Buckets hold at least this many entries (4 MB of fp32 scratch): on models whose tensors are all
 # small, each optimizer call and bucket costs more than its work (the bundled model's DST step:
@@ -84,6 +84,13 @@ SMALL_TENSOR = 1 << 16
 POOL_REUSE = 48 << 20
 # ... and cuts its pool to the top-K once it holds more than POOL_CUT * K entries
 POOL_CUT = 4
+# With a seed held, the global silo's kernel path takes a band instead of a pool (_step_band):
+# its bracket for the next step lies this many ranks either side of the K-th largest (a share of
+# K, at least BAND_MARGIN_MIN), widened 2x after a miss and narrowed by BAND_NARROW after a hit,
+# between BAND_MARGIN and BAND_MARGIN_MAX; and at least BAND_RELATIVE of tau either side. The
+# band holds up to max(K / 4, BAND_MIN) values a thread.
+BAND_MARGIN, BAND_MARGIN_MAX, BAND_NARROW, BAND_MARGIN_MIN = 1 / 64, 1 / 4, 0.8, 64
+BAND_RELATIVE, BAND_MIN = 1 / 256, 1 << 16
 
 
 @dataclass
@@ -233,8 +240,9 @@ class DST:
             entries (the bundled model's DST step: 1.13-1.43x -> 1.08-1.31x full fine-tuning's;
             on a 25M model, 250K entries a tensor, it costs 10-70% more), unless dstcli.kernels
             serve every tensor and they have one dtype: then a kernel call a bucket (see
-            `_step_pool_many`) is faster (the bundled model, epsilon 1e-6 to 1e-1: 1.06-1.14x
-            batched, 1.04-1.08x so). The kept sets are the same either way.
+            `_step_pool_many`, with a seed held `_step_band`) is faster (the bundled model,
+            epsilon 1e-6 to 1e-1: 1.06-1.14x batched, 1.04-1.08x with the pool, 1.03 with the
+            band). The kept sets are the same either way.
 
     A DST that steps the global silo on the CPU kernels sets glibc's malloc thresholds for the
     whole process (dstcli.heap.keep_freed: the memory a step frees stays for the next step;
@@ -296,6 +304,10 @@ class DST:
         self._plans: dict[str, _Plan] = {}
         self._small_plans: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._nonfinite: dict[str, torch.Tensor] = {}  # per bucket, counted by the last batched step
+        # _step_band's bracket for the next step (None: sample one), its margin (a share of K),
+        # its band, how many times in a row it missed and how many steps the pool takes first
+        self._bracket: tuple[float, float] | None = None
+        self._margin, self._band, self._band_misses, self._band_wait = 4 * BAND_MARGIN, None, 0, 0
 
     def _seed_store(self, seed: str | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         if isinstance(seed, str):
@@ -348,7 +360,9 @@ class DST:
         if self.batched:
             return self._step_batched(optimizers, groups)
         if self._many and self._due(self.step_count + 1):
-            return (self._step_pool_many if self.silo == "global" else self._step_many)(optimizers, groups)
+            if self.silo != "global":
+                return self._step_many(optimizers, groups)
+            return (self._step_pool_many if self.seed is None else self._step_band)(optimizers, groups)
         snap: dict[str, torch.Tensor] = {}
 
         def seed_of(name: str) -> torch.Tensor:
@@ -428,7 +442,90 @@ class DST:
             self._nonseed[names[0]], self._nonfinite[names[0]] = differ, nonfinite
         return StepStats(self.step_count, self.nonseed(), new - both, old - both, True)
 
-    def _step_pool_many(self, optimizers: Mapping[str, torch.optim.Optimizer], groups: dict[str, list[str]]) -> StepStats:
+    def _step_band(self, optimizers: Mapping[str, torch.optim.Optimizer], groups: dict[str, list[str]]) -> StepStats:
+        """`step` for the global silo on the CPU kernels with a seed held: a band, not a pool.
+        Right after each bucket's optimizer step one kernel call copies out the distances inside
+        a bracket [lo, hi] (kernels.Band.add: a read of the bucket, nothing written), set from the
+        last step's distances a margin of ranks either side of its K-th largest; once every
+        bucket is stepped the band gives this step's K-th largest (Band.cut), and one call keeps
+        and resets every tensor (Band.keep, as dst_top_*'s second pass). Where there is no
+        bracket yet, or it missed (or its band would not fit: K / 4 values a thread), a sample of
+        every tensor brackets the K-th largest instead (as select.top_indices does a silo's) for a
+        second read; only where that misses too does the pool take the stepped tensors
+        (_step_pool_many), and then it takes the next 1, 2, 4 ... 64 steps before the band is
+        tried again. At epsilon 1e-1 the pool held ~4K entries before its first cut (25M model,
+        bf16: its shares, cuts and churn count 24 ms of a 50 ms update); the band holds a few
+        hundredths of K."""
+        K = self.alloc
+        buckets = self._buckets(groups)
+        if self._band_wait:
+            self._band_wait -= 1
+            return self._step_pool_many(optimizers, groups)
+        dtype = next(iter(self.params.values())).dtype
+        if self._band is None or self._band.dtype != dtype:
+            self._band = kernels.Band(dtype, max(K // 4, BAND_MIN) + 64)
+        band, got, stepped = self._band, None, False
+        margin = max(math.ceil(self._margin * K), BAND_MARGIN_MIN)
+        if self._bracket is not None:
+            band.start(*self._bracket, self.distance)
+            for names in buckets:
+                optimizers[names[0]].step()
+                band.add(self._flat(names), self._flat(names, self.seed))
+            stepped = True
+            got = band.cut(K, K + margin, K - margin)
+            if got is None:
+                self._margin = min(2 * self._margin, BAND_MARGIN_MAX)
+                margin = max(math.ceil(self._margin * K), BAND_MARGIN_MIN)
+        if got is None:
+            if not stepped:
+                for names in buckets:
+                    optimizers[names[0]].step()
+            band.start(*self._sampled_bracket(buckets, K), self.distance)
+            for names in buckets:
+                band.add(self._flat(names), self._flat(names, self.seed))
+            got = band.cut(K, K + margin, K - margin)
+        if got is None:
+            self._bracket, self._band_misses = None, self._band_misses + 1
+            self._band_wait = min(1 << (self._band_misses - 1), 64)
+            return self._step_pool_many(optimizers, groups, stepped=True)
+        self._band_misses = 0
+        return self._keep_band(band, got, K, margin)
+
+    def _sampled_bracket(self, buckets: list[tuple[str, ...]], K: int) -> tuple[float, float]:
+        """A bracket of the global silo's K-th largest distance from a strided sample of every
+        tensor (select.sparse_bracket's stride and ranks, the tensors as one array)."""
+        names = [n for b in buckets for n in b]
+        stride, j_lo, j_hi = sparse_bracket(sum(self.params[n].numel() for n in names), K)
+        sample = np.concatenate([kernels.sample(p, s, self.distance, stride)
+                                 for b in buckets for p, s in zip(self._flat(b), self._flat(b, self.seed))])
+        lo, hi, _ = _sample_ends(sample, min(j_lo, len(sample)), j_hi)
+        return lo, hi
+
+    def _keep_band(self, band: kernels.Band, got: tuple, K: int, margin: int) -> StepStats:
+        """_step_band's second pass once its band gave tau (got: Band.cut's), and the bracket for
+        the next step: the values `margin` ranks either side of the K-th largest, or where the
+        band did not reach that far its own ends; at least BAND_RELATIVE of tau either side (a
+        run of ties at tau); none where tau is 0."""
+        res, budget, keep = got
+        tau = float(res[0])
+        self.step_count += 1
+        self._counted = True
+        self._nonfinite.clear()
+        names = [n for n in self.params if n not in self.frozen]  # the band's tensors, in its order
+        before = [self.kept[n].idx for n in names]
+        pos, seeds, out = band.keep(tau, budget, keep, before, self._work)
+        for n, idx, sv, differ in zip(names, pos, seeds, out[:, 1].tolist()):
+            self.kept[n], self._nonseed[n] = _Kept(idx, sv), differ
+        self._nonfinite["all"] = int(out[:, 3].sum())
+        both, new, old = int(out[:, 2].sum()), int(out[:, 0].sum()), sum(i.numel() for i in before)
+        lo = float(res[1]) if math.isfinite(res[1]) else band.lo
+        hi = float(res[2]) if math.isfinite(res[2]) else math.inf if K - margin < 1 else band.hi
+        self._bracket = (min(lo, tau * (1 - BAND_RELATIVE)), max(hi, tau * (1 + BAND_RELATIVE))) if tau > 0 else None
+        self._margin = max(self._margin * BAND_NARROW, BAND_MARGIN)
+        return StepStats(self.step_count, self.nonseed(), new - both, old - both, True)
+
+    def _step_pool_many(self, optimizers: Mapping[str, torch.optim.Optimizer], groups: dict[str, list[str]],
+                        stepped: bool = False) -> StepStats:
         """`step` for the global silo on the CPU kernels, a bucket at a time: snapshot, optimizer
         step, then one kernel call (kernels.pool_many) makes the snapshot the seed and takes each
         tensor's share of the pool (see _select_global) into a kernels.Pool; the pool is cut in
@@ -444,7 +541,7 @@ class DST:
         floor = None
         for names in self._buckets(groups):
             b = self._many_plan(names)
-            params, views = self._step_with_seed(b, names, optimizers[names[0]])
+            params, views = self._step_with_seed(b, names, None if stepped else optimizers[names[0]])
             at, ends = 0, self._pool_chunks(names, K)
             while at < len(names):  # before the first cut, chunks of at most 4K candidates (after it, few)
                 end = next(e for e in ends if e > at) if floor is None else len(names)
@@ -518,8 +615,8 @@ class DST:
         got = pool.kth(K, *sparse_bracket(pool.size, K), self._work.setdefault("cut", {}))
         return got if got is not None else kth_largest(pool.values(), K)
 
-    def _step_with_seed(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer):
-        """Step a bucket's optimizer; returns its tensors and what the kernels take as their seed
+    def _step_with_seed(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer | None):
+        """Step a bucket's optimizer (None: stepped already, with a seed held); returns its tensors and what the kernels take as their seed
         (flat): with a seed held, its views; else copies of the tensors from before the step
         (a snapshot in the scratch, whose views are kept while it keeps its memory, as _flat
         keeps the tensors'), which the kernels make the seed by writing the kept seed values
@@ -527,7 +624,8 @@ class DST:
         (BENCHMARKS.md, "The seed memory-mapped from the base")."""
         params = self._flat(names)
         if self.seed is not None:
-            opt.step()
+            if opt is not None:
+                opt.step()
             return params, self._flat(names, self.seed)
         scratch = self._buffer(int(b.n.sum()), params[0])
         key = ("scratch", names)
@@ -787,8 +885,8 @@ class DST:
     def buckets(self, limit: int | None = None, *, tensors: int | None = None) -> list[list[str]]:
         """The parameters to step, grouped for one optimizer each: consecutive tensors of one dtype
         and device whose entries add up to at most `limit`, or else `tensors` times the largest
-        tensor's (default 1, BATCHED_BUCKET for a batched DST, HELD_BUCKET for tensor and row silos
-        on the CPU kernels with a seed held), but at least BUCKET_MIN entries. With 1, stepping a
+        tensor's (default 1, BATCHED_BUCKET for a batched DST, HELD_BUCKET on the CPU kernels
+        with a seed held), but at least BUCKET_MIN entries. With 1, stepping a
         bucket at once keeps the snapshot at one tensor's size.
         Fewer, larger optimizer calls save most of their per-call cost (one AdamW call per tensor
         of the bundled model took 4.7 ms per step against 2.8-3.6 ms for one call over all of
@@ -801,7 +899,7 @@ class DST:
             if tensors is not None and tensors < 1:
                 raise DstError(f"a bucket must hold at least 1 tensor's worth of entries, got {tensors}")
             largest = max((self.params[n].numel() for n in order), default=0)
-            held = self.seed is not None and self._many and self.silo != "global"
+            held = self.seed is not None and self._many
             per = tensors if tensors is not None else (BATCHED_BUCKET if self.batched else HELD_BUCKET if held else 1)
             limit = max(largest * per, BUCKET_MIN)
         out: list[list[str]] = []

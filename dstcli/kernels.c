@@ -1587,3 +1587,237 @@ POOL_MANY(f64, double, double, 64, AS_IS, dist_d)
 KTH_PARTS(f32, float)
 KTH_PARTS(f64, double)
 
+
+/* The global silo with its seed held (engine._step_band): no pool. A first pass right after each
+ * bucket's optimizer step copies out only the distances inside a bracket [lo, hi] set from the
+ * last step's ranks (dst_band_*), the band gives the K-th largest (dst_band_cut_*), and a
+ * second pass keeps and resets each tensor as dst_top_*'s does (dst_band_keep_*). The first
+ * pass writes nothing to the tensors, so a bracket that misses costs that pass only: the caller
+ * then takes the pool (dst_pool_many_*) over the same stepped tensors.
+ *
+ * A tensor's runs: from PARALLEL_MIN entries on threads_for(n, n >> 16) of them (run_at), else
+ * one, at most R (the caller's buffers); run r of tensor t is piece R t + r, pieces in position
+ * order. dst_band_* records each tensor's runs (nruns[t]) for dst_band_keep_* to take the same. */
+static inline int band_runs(int64_t n, int R) {
+    int runs = n >= PARALLEL_MIN ? threads_for(n, n >> 16) : 1;
+    return runs < R ? runs : R;
+}
+
+#ifdef __AVX512F__
+#define BAND16(LOAD16)                                                                       \
+    for (; i + 16 <= n; i += 16) {                                                           \
+        if (m >= room) return -1;                                                            \
+        __m512 v = dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind);                            \
+        __mmask16 upm = _mm512_cmp_ps_mask(v, _mm512_set1_ps(hi), _CMP_GT_OQ);               \
+        __mmask16 inm = _mm512_cmp_ps_mask(v, _mm512_set1_ps(lo), _CMP_GE_OQ) & ~upm;         \
+        _mm512_storeu_ps(in + m, _mm512_maskz_compress_ps(inm, v));                          \
+        m += __builtin_popcount(inm);                                                        \
+        a += __builtin_popcount(upm);                                                        \
+    }
+#define BAND16_F32 BAND16(LOAD16_U32)
+#define BAND16_BF16 BAND16(load16_bf16)
+#else
+#define BAND16_F32
+#define BAND16_BF16
+#endif
+
+/* one run: the distances above hi counted (*above), the ones in [lo, hi] copied to in, in order
+ * (room: `room` values); returns how many, or -1 where they might not fit */
+#define BAND_RUN(SUF, D, BITS, LOAD, DIST, FAST)                                             \
+    static int64_t band_run_##SUF(const uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, \
+                                  D lo, D hi, D *in, int64_t room, int64_t *above) {         \
+        int64_t m = 0, a = 0, i = 0;                                                         \
+        room -= 32; /* a block starts below room, its 16-wide store ends below room + 16 */   \
+        FAST                                                                                 \
+        for (; i < n; i++) {                                                                 \
+            if (m >= room) return -1;                                                        \
+            D v = DIST(LOAD(x[i]), LOAD(x0[i]), kind);                                       \
+            in[m] = v;                                                                       \
+            m += (v >= lo) & !(v > hi);                                                      \
+            a += v > hi;                                                                     \
+        }                                                                                    \
+        *above = a;                                                                          \
+        return m;                                                                            \
+    }
+BAND_RUN(f32, float, 32, bits_f32, dist_f, BAND16_F32)
+BAND_RUN(bf16, float, 16, bf16_to_f32, dist_f, BAND16_BF16)
+BAND_RUN(f64, double, 64, bits_f64, dist_d, )
+
+/* dst_band_*: the first pass over `count` tensors (x[t] stepped, x0[t] its seed, n[t] entries;
+ * neither written): piece p's distances above hi counted (up[p]) and the ones in [lo, hi] copied
+ * in order to band buffer b from at[b] on (at[b] advanced; where[2p] = b, where[2p + 1] = the
+ * offset, cnt[p] = how many; a run r of a large tensor into buffer r, the small tensors a thread
+ * each into their thread's). Buffer b holds cap[b] values. Returns 0, or -1 where a buffer
+ * might run over (the band is incomplete then). */
+#define BAND(SUF, T, D, BITS)                                                                \
+    int dst_band_##SUF(int64_t count, const T **x, const T **x0, const int64_t *n, int kind, D lo, D hi, \
+                       int R, D **band, int64_t *at, const int64_t *cap, int64_t *nruns, int64_t *where, \
+                       int64_t *cnt, int64_t *up) {                                           \
+        typedef uint##BITS##_t U;                                                            \
+        int fail = 0;                                                                        \
+        int64_t *small = malloc((size_t)(count + 1) * sizeof(int64_t)), ns = 0, entries = 0; \
+        if (!small) return -1;                                                               \
+        for (int64_t p = 0; p < count * R; p++) cnt[p] = up[p] = where[2 * p] = where[2 * p + 1] = 0; \
+        for (int64_t t = 0; t < count && !fail; t++) {                                       \
+            int runs = band_runs(n[t], R);                                                   \
+            nruns[t] = runs;                                                                 \
+            if (n[t] < PARALLEL_MIN) {                                                       \
+                small[ns++] = t;                                                             \
+                entries += n[t];                                                             \
+                continue;                                                                    \
+            }                                                                                \
+            int64_t got[MAX_THREADS];                                                        \
+            PARALLEL_FOR                                                                     \
+            for (int r = 0; r < runs; r++) {                                                 \
+                int64_t a = run_at(n[t], runs, r), p = t * R + r;                            \
+                got[r] = band_run_##SUF((const U *)x[t] + a, (const U *)x0[t] + a, run_at(n[t], runs, r + 1) - a, \
+                                        kind, lo, hi, band[r] + at[r], cap[r] - at[r], &up[p]); \
+            }                                                                                \
+            for (int r = 0; r < runs; r++) {                                                 \
+                int64_t p = t * R + r;                                                       \
+                if (got[r] < 0) fail = 1;                                                    \
+                where[2 * p] = r;                                                            \
+                where[2 * p + 1] = at[r];                                                    \
+                cnt[p] = got[r] < 0 ? 0 : got[r];                                            \
+                at[r] += cnt[p];                                                             \
+            }                                                                                \
+        }                                                                                    \
+        int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, ns) : 1;            \
+        int64_t used = 0;                                                                    \
+        if (runs > R) runs = R;                                                              \
+        PARALLEL_FOR_DYNAMIC_SUM                                                             \
+        for (int64_t i = 0; i < ns; i++) {                                                   \
+            int64_t t = small[i], p = t * R, b = THREAD_NUM;                                 \
+            int64_t got = fail ? -1 : band_run_##SUF((const U *)x[t], (const U *)x0[t], n[t], kind, lo, hi, \
+                                                     band[b] + at[b], cap[b] - at[b], &up[p]); \
+            used += got < 0;                                                                 \
+            where[2 * p] = b;                                                                \
+            where[2 * p + 1] = at[b];                                                        \
+            cnt[p] = got < 0 ? 0 : got;                                                      \
+            at[b] += cnt[p];                                                                 \
+        }                                                                                    \
+        free(small);                                                                         \
+        return fail || used ? -1 : 0;                                                        \
+    }
+BAND(f32, float, float, 32)
+BAND(bf16, uint16_t, float, 16)
+BAND(f64, double, double, 64)
+
+/* dst_band_cut_*: of P pieces (as dst_band_* left them; more than ... above hi: up), the K-th
+ * largest distance, tau (res[0]), and the values at ranks r_lo and r_hi (counted from the
+ * largest, 1 first; res[1], res[2]: NaN where the rank is outside the band). Per piece, in
+ * position order: the ties at tau it keeps (budget, as one pass counting `need` down would) and
+ * how many it keeps (keep: above tau, then those ties; never a distance <= 0). Scratch: all
+ * (room 2m + 64, m the band's size), tmp (m + 32). Returns 0, or -1 where the bracket missed
+ * (K or more above hi, or fewer than K at or above lo). */
+#define BAND_CUT(SUF, D)                                                                     \
+    int dst_band_cut_##SUF(int64_t P, D *const *band, const int64_t *where, const int64_t *cnt, \
+                           const int64_t *up, int64_t K, int64_t r_lo, int64_t r_hi, D *all, D *tmp, \
+                           D *res, int64_t *budget, int64_t *keep) {                         \
+        int64_t m = 0, A = 0, above, unused;                                                 \
+        for (int64_t p = 0; p < P; p++) {                                                    \
+            memcpy(all + m, band[where[2 * p]] + where[2 * p + 1], (size_t)cnt[p] * sizeof(D)); \
+            m += cnt[p];                                                                     \
+            A += up[p];                                                                      \
+        }                                                                                    \
+        if (A >= K || A + m < K) return -1;                                                  \
+        D *copy = all + m + 32;                                                              \
+        memcpy(copy, all, (size_t)m * sizeof(D));                                            \
+        D tau = kth_##SUF(all, m, m - (K - A), tmp, &above);                                 \
+        int64_t left = K - A - above, ranks[2] = {r_lo, r_hi};                               \
+        res[0] = tau;                                                                        \
+        for (int j = 0; j < 2; j++) {                                                        \
+            res[1 + j] = NAN;                                                                \
+            if (ranks[j] - A >= 1 && ranks[j] - A <= m) {                                    \
+                memcpy(all, copy, (size_t)m * sizeof(D));                                    \
+                res[1 + j] = kth_##SUF(all, m, m - (ranks[j] - A), tmp, &unused);           \
+            }                                                                                \
+        }                                                                                    \
+        for (int64_t p = 0; p < P; p++) {                                                    \
+            const D *v = band[where[2 * p]] + where[2 * p + 1];                              \
+            int64_t gt = 0, eq = 0;                                                          \
+            for (int64_t j = 0; j < cnt[p]; j++) {                                           \
+                gt += v[j] > tau;                                                            \
+                eq += v[j] == tau;                                                           \
+            }                                                                                \
+            budget[p] = left < eq ? left : eq;                                               \
+            left -= budget[p];                                                               \
+            keep[p] = up[p] + gt + (tau > 0 ? budget[p] : 0);                                \
+        }                                                                                    \
+        return 0;                                                                            \
+    }
+BAND_CUT(f32, float)
+BAND_CUT(f64, double)
+
+/* dst_band_keep_*: the second pass over the tensors of dst_band_* (in the same runs) once
+ * dst_band_cut_* gave tau, budget and keep: run r of tensor t keeps by the tie rule with
+ * budget[R t + r] ties, as dst_top_*'s second pass (its positions and x0's values there at
+ * off[t] on, ascending; room keep's sum for t + 16 R + 16), sets x[t] to x0[t] elsewhere;
+ * old_idx[t] (n_old[t] ascending positions) the kept set before, read as a bitmap (bm: a
+ * buffer a thread, room (largest run) / 8 + 16). out[4t..4t+3]: how many kept, how many of
+ * those differ from the seed bit for bit, were kept before, are NaN or infinite. Returns 0, or
+ * -1 where a run kept other than keep says (the tensors changed between the passes). */
+#define BAND_KEEP(SUF, T, D, BITS)                                                           \
+    static int band_keep_one_##SUF(int64_t t, int b, int R, const int64_t *nruns, T **x, const T **x0, \
+                                   const int64_t *n, int kind, D tau,                        \
+                                   const int64_t *budget, const int64_t *keep, const int64_t **old_idx, \
+                                   const int64_t *n_old, int64_t *pos, T *seed, const int64_t *off, \
+                                   uint8_t **bm, int64_t *out) {                             \
+        typedef uint##BITS##_t U;                                                            \
+        int runs = (int)nruns[t], bad = 0;                                                   \
+        int64_t at[MAX_THREADS], got[MAX_THREADS], dif[MAX_THREADS], bth[MAX_THREADS], nf[MAX_THREADS], total = 0; \
+        for (int r = 0; r < runs; r++) {                                                     \
+            at[r] = off[t] + total + 16 * r;                                                 \
+            total += keep[t * R + r];                                                        \
+        }                                                                                    \
+        int dense = total * 32 > n[t];                                                       \
+        PARALLEL_FOR                                                                         \
+        for (int r = 0; r < runs; r++) {                                                     \
+            int64_t a = run_at(n[t], runs, r), len = run_at(n[t], runs, r + 1) - a;          \
+            uint8_t *map = bm[runs > 1 ? r : b];                                             \
+            old_bitmap(map, a, len, old_idx[t], n_old[t]);                                   \
+            got[r] = top_keep_##SUF((U *)x[t] + a, (const U *)x0[t] + a, len, kind, tau, budget[t * R + r], dense, a, \
+                                    map, pos + at[r], (U *)seed + at[r], &dif[r], &bth[r], &nf[r]); \
+        }                                                                                    \
+        int64_t c = 0, *o = out + 4 * t;                                                     \
+        o[1] = o[2] = o[3] = 0;                                                              \
+        for (int r = 0; r < runs; r++) { /* c <= the run's start: moving forward is safe */  \
+            bad |= got[r] != keep[t * R + r];                                                \
+            memmove(pos + off[t] + c, pos + at[r], (size_t)got[r] * sizeof(int64_t));        \
+            memmove(seed + off[t] + c, seed + at[r], (size_t)got[r] * sizeof(T));            \
+            c += got[r];                                                                     \
+            o[1] += dif[r];                                                                  \
+            o[2] += bth[r];                                                                  \
+            o[3] += nf[r];                                                                   \
+        }                                                                                    \
+        o[0] = c;                                                                            \
+        return bad;                                                                          \
+    }                                                                                        \
+    int dst_band_keep_##SUF(int64_t count, int R, const int64_t *nruns, T **x, const T **x0, const int64_t *n, \
+                            int kind, D tau,                                                 \
+                            const int64_t *budget, const int64_t *keep, const int64_t **old_idx, \
+                            const int64_t *n_old, int64_t *pos, T *seed, const int64_t *off, uint8_t **bm, \
+                            int64_t *out) {                                                  \
+        int64_t *small = malloc((size_t)(count + 1) * sizeof(int64_t)), ns = 0, entries = 0, used = 0; \
+        if (!small) return -1;                                                               \
+        for (int64_t t = 0; t < count; t++) {                                                \
+            if (n[t] < PARALLEL_MIN) {                                                       \
+                small[ns++] = t;                                                             \
+                entries += n[t];                                                             \
+            } else {                                                                         \
+                used += band_keep_one_##SUF(t, 0, R, nruns, x, x0, n, kind, tau, budget, keep, old_idx, n_old, pos, seed, \
+                                            off, bm, out);                                   \
+            }                                                                                \
+        }                                                                                    \
+        int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, ns) : 1;            \
+        if (runs > R) runs = R;                                                              \
+        PARALLEL_FOR_DYNAMIC_SUM                                                             \
+        for (int64_t i = 0; i < ns; i++)                                                     \
+            used += band_keep_one_##SUF(small[i], THREAD_NUM, R, nruns, x, x0, n, kind, tau, budget, keep, old_idx, n_old, \
+                                        pos, seed, off, bm, out);                            \
+        free(small);                                                                         \
+        return used ? -1 : 0;                                                                \
+    }
+BAND_KEEP(f32, float, float, 32)
+BAND_KEEP(bf16, uint16_t, float, 16)
+BAND_KEEP(f64, double, double, 64)

@@ -159,6 +159,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = I, [I, P, P, P, P, P, P, P, P, P, P, C, P, C, P, P, P, P]
         f = getattr(lib, f"dst_pool_many_{suf}")
         f.restype, f.argtypes = I, [I, P, P, P, P, P, P, P, C, real, C, I, P, C, P, P, P, P, P]
+    for suf, real in (("f32", F), ("bf16", F), ("f64", D)):
+        f = getattr(lib, f"dst_band_{suf}")
+        f.restype, f.argtypes = C, [I, P, P, P, C, real, real, C, P, P, P, P, P, P, P]
+        f = getattr(lib, f"dst_band_keep_{suf}")
+        f.restype, f.argtypes = C, [I, C, P, P, P, P, C, real, P, P, P, P, P, P, P, P, P]
+    for suf, real in (("f32", F), ("f64", D)):
+        f = getattr(lib, f"dst_band_cut_{suf}")
+        f.restype, f.argtypes = C, [I, P, P, P, P, I, I, I, P, P, P, P, P]
     for bits in _BITS.values():
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
@@ -693,3 +701,95 @@ def cut_many(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
         out += zip(kept.tolist(), differ.tolist())
         at = end
     return out
+
+
+class Band:
+    """The global silo's band with its seed held (engine._step_band; kernels.c, dst_band_*): a
+    step's distances inside a bracket [lo, hi], copied out bucket by bucket by `add` right after
+    each optimizer step, and how many lie above hi; `cut` gives the K-th largest from them and
+    `keep` keeps and resets every tensor added. One buffer of `cap` values a thread, kept from
+    step to step: a band that would not fit (or a bracket that misses) answers None, and the
+    tensors are untouched then (the caller takes the pool)."""
+
+    def __init__(self, dtype: torch.dtype, cap: int):
+        self.dtype, self.R = dtype, _state["lib"].dst_threads()
+        self.bufs = [np.empty(cap, dtype=_NP_WIDE[dtype]) for _ in range(self.R)]
+        self.ptrs = (ctypes.c_void_p * self.R)(*[b.ctypes.data for b in self.bufs])
+        self.cap = np.full(self.R, cap, dtype=np.int64)
+        self.at = np.zeros(self.R, dtype=np.int64)
+        self.start(0.0, float("inf"), "absolute")
+
+    def start(self, lo: float, hi: float, kind: str) -> None:
+        """Empty the band for a step whose bracket is [lo, hi] (distances of `kind`)."""
+        self.lo, self.hi, self.kind, self.ok = lo, hi, kind, True
+        self.at[:] = 0
+        self.parts: list[tuple] = []
+
+    def add(self, x: list[torch.Tensor], x0: list[torch.Tensor]) -> bool:
+        """The next tensors (stepped, flat, `serves`; x0: their seeds), in position order: their
+        distances in [lo, hi] into the band (nothing is written to x). False once the band is
+        dropped (it would not fit)."""
+        if not self.ok:
+            return False
+        T, R = len(x), self.R
+        P = ctypes.c_void_p * T
+        n = np.array([t.numel() for t in x], dtype=np.int64)
+        nruns, where, cnt, up = (np.empty(T * w, dtype=np.int64) for w in (1, 2 * R, R, R))
+        self.ok = getattr(_state["lib"], f"dst_band_{_SUFFIX[self.dtype]}")(
+            T, P(*[t.data_ptr() for t in x]), P(*[t.data_ptr() for t in x0]), n.ctypes.data, KINDS[self.kind], self.lo,
+            self.hi, R, self.ptrs, self.at.ctypes.data, self.cap.ctypes.data, nruns.ctypes.data, where.ctypes.data,
+            cnt.ctypes.data, up.ctypes.data) == 0
+        self.parts.append((x, x0, n, nruns, where, cnt, up))
+        return self.ok
+
+    def cut(self, K: int, r_lo: int, r_hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The K-th largest distance of all the tensors added, tau, and the values at ranks r_lo
+        and r_hi (1: the largest; NaN outside the band): res = [tau, at r_lo, at r_hi]; per piece
+        (a run of a tensor, see kernels.c) the ties at tau it keeps and how many it keeps. None
+        where the band is dropped or the bracket missed (K or more above hi, fewer than K at or
+        above lo)."""
+        if not self.ok:
+            return None
+        where, cnt, up = (np.concatenate([p[i] for p in self.parts]) for i in (4, 5, 6))
+        m, P = int(cnt.sum()), len(cnt)
+        wide = _NP_WIDE[self.dtype]
+        scratch, tmp, res = np.empty(2 * m + 64, dtype=wide), np.empty(m + 32, dtype=wide), np.empty(3, dtype=wide)
+        budget, keep = np.empty(P, dtype=np.int64), np.empty(P, dtype=np.int64)
+        if getattr(_state["lib"], f"dst_band_cut_{_np_suffix(scratch)}")(
+                P, self.ptrs, where.ctypes.data, cnt.ctypes.data, up.ctypes.data, K, r_lo, r_hi, scratch.ctypes.data,
+                tmp.ctypes.data, res.ctypes.data, budget.ctypes.data, keep.ctypes.data):
+            return None
+        return res, budget, keep
+
+    def keep(self, tau: float, budget: np.ndarray, keep: np.ndarray, old_idx: list[torch.Tensor],
+             work: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], np.ndarray]:
+        """The second pass over every tensor added, with `cut`'s tau, budget and keep: each keeps
+        by the tie rule and goes back to its seed elsewhere (bits moved). old_idx: the kept sets
+        before (ascending, one a tensor). Returns the kept positions and seed values of each
+        tensor (views of one buffer each) and per tensor (kept, differ, both, nonfinite) as `many`
+        does."""
+        x, x0 = [t for p in self.parts for t in p[0]], [t for p in self.parts for t in p[1]]
+        n, nruns = (np.concatenate([p[i] for p in self.parts]) for i in (2, 3))
+        T, R = len(x), self.R
+        P = ctypes.c_void_p * T
+        room = keep.reshape(T, R).sum(axis=1) + 16 * R + 16
+        off = np.concatenate([[0], np.cumsum(room)]).astype(np.int64)
+        pos, seed = torch.empty(int(off[-1]), dtype=torch.long), torch.empty(int(off[-1]), dtype=self.dtype)
+        maps = []
+        for r in range(R):  # a bitmap a thread of the old kept set (a bit an entry of a run)
+            run = work if r == 0 else work.setdefault(f"run {r}", {})
+            if len(run.get("bm", ())) < int(n.max()) // 8 + 64:
+                run["bm"] = np.empty(int(n.max()) // 8 + 64, dtype=np.uint8)
+            maps.append(run["bm"].ctypes.data)
+        n_old = np.array([i.numel() for i in old_idx], dtype=np.int64)
+        out = np.empty((T, 4), dtype=np.int64)
+        if getattr(_state["lib"], f"dst_band_keep_{_SUFFIX[self.dtype]}")(
+                T, R, nruns.ctypes.data, P(*[t.data_ptr() for t in x]), P(*[t.data_ptr() for t in x0]), n.ctypes.data,
+                KINDS[self.kind], tau, budget.ctypes.data, keep.ctypes.data, P(*[t.data_ptr() for t in old_idx]),
+                n_old.ctypes.data, pos.data_ptr(), seed.data_ptr(), off.ctypes.data, (ctypes.c_void_p * R)(*maps),
+                out.ctypes.data):
+            raise RuntimeError("the band's tensors changed between its two passes")
+        cuts = np.empty(2 * T, dtype=np.int64)  # tensor t's kept entries, then the room left after them
+        cuts[0::2] = out[:, 0]
+        cuts[1::2] = room - out[:, 0]
+        return list(pos.split(cuts.tolist())[0::2]), list(seed.split(cuts.tolist())[0::2]), out

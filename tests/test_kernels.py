@@ -1,6 +1,7 @@
 """The compiled CPU kernels (dstcli/kernels.c): the same bits as the torch paths they replace,
 the torch fallback when they cannot be built, and the engine exact either way."""
 
+import math
 import os
 import subprocess
 import sys
@@ -732,7 +733,7 @@ def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
     over four tensors, one over one), a tensor of PARALLEL_MIN entries or more (all threads on it)
     and smaller ones (a thread each), one under SAMPLED_MIN, a frozen one, a NaN gradient. And
     with the seed held (a mapping, as `dstcli train` maps the base): the kernels read it in place
-    of a snapshot, never writing it."""
+    of a snapshot, never writing it (the global silo: a band in place of the pool)."""
     def run(many=True, held=False):
         g = torch.Generator().manual_seed(0)
         params = {f"w{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype))
@@ -761,14 +762,15 @@ def test_the_engine_is_the_same_without_kernels(monkeypatch, silo, dtype):
                 {n: k.seed_vals for n, k in dst.kept.items()}, stats)
 
     calls = []
-    for name in ("top", "share", "rows", "many", "pool_many"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    for owner, name in ((kernels, "top"), (kernels, "share"), (kernels, "rows"), (kernels, "many"),
+                        (kernels, "pool_many"), (kernels.Band, "keep")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     fused, one_thread = [run() for _ in threads()]
     assert {"tensor": "many", "global": "pool_many", "row": "many"}[silo] in calls  # the fused path ran
     calls.clear()
     held = run(held=True)
-    assert {"tensor": "many", "global": "pool_many", "row": "many"}[silo] in calls
+    assert {"tensor": "many", "global": "keep", "row": "many"}[silo] in calls  # the global silo: a band
     calls.clear()
     single = run(many=False)
     assert "many" not in calls and {"tensor": "top", "global": "share", "row": "rows"}[silo] in calls
@@ -911,3 +913,127 @@ def test_the_first_flag_set_builds_without_warnings(tmp_path):
     r = subprocess.run([cc, *kernels.FLAGS, *first, "-Wall", "-Wshadow", "-Werror",
                         str(kernels.SOURCE), "-o", str(tmp_path / "k.so"), "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@given(st.lists(st.sampled_from([1, 7, 100, 5_000, 70_000, kernels.PARALLEL_MIN + 13]), min_size=1, max_size=4),
+       st.sampled_from(DTYPES), st.sampled_from(DISTANCES), st.sampled_from(["rand", "ties", "special"]),
+       st.floats(1e-4, 0.6), st.integers(-3, 3), st.integers(-3, 3), st.booleans(), st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_band_is_the_top_k_of_all_tensors(sizes, dtype, kind, case, frac, lo_at, hi_at, small, seed):
+    """kernels.Band over tensors added in two calls, on 2 threads and 1: where its bracket holds
+    the K-th largest distance of all of them together (K or more at or above lo, fewer above hi)
+    and the band fits, `cut` and `keep` keep what select.top_indices keeps of the distances laid
+    end to end (ties to the lower position across tensors and runs, never a zero), reset the
+    rest to the seed bit for bit, and count as `many` does (kept, differ, kept before, non-finite);
+    else `cut` answers None and the tensors are as `add` found them. The bracket's ends lie a few
+    ranks either side of the K-th largest (lo_at, hi_at: 0 is at it, negative misses), `small` a
+    band too small to hold it."""
+    pairs = [pair(m, dtype, case, seed + i) for i, m in enumerate(sizes)]
+    d = torch.cat([distance(x, x0, kind).view(-1) for x, x0 in pairs])  # float32 (float64), NaN: inf
+    K = max(1, int(frac * len(d)))
+    want = top_indices(d, K)
+    ranked = np.sort(d.numpy())[::-1]
+    spread = max(1, K // 20)
+
+    def at_rank(r):  # the distance at rank r (1: the largest), clamped to the ends
+        return float(ranked[min(max(r, 1), len(d)) - 1])
+    tau = ranked[K - 1]
+    lo = at_rank(K + lo_at * spread) if lo_at >= 0 else float(np.nextafter(tau, tau.dtype.type(np.inf)))
+    hi = at_rank(K - hi_at * spread) if hi_at >= 0 else float(np.nextafter(tau, tau.dtype.type(-np.inf)))
+    hi = float("inf") if hi_at > 0 and K - hi_at * spread < 1 else hi
+    above, inside = int((d > hi).sum()), int(((d >= lo) & (d <= hi)).sum())
+    g = torch.Generator().manual_seed(seed)
+    olds = [torch.sort(torch.randperm(x.numel(), generator=g)[:x.numel() // 10]).values for x, _ in pairs]
+    for _ in threads():
+        cap = 200 if small else len(d) + 64
+        band = kernels.Band(dtype, cap)
+        band.start(lo, hi, kind)
+        xs, x0s = [x.clone() for x, _ in pairs], [x0.clone() for _, x0 in pairs]
+        half = (len(xs) + 1) // 2
+        band.add(xs[:half], x0s[:half])
+        band.add(xs[half:], x0s[half:])
+        assert all(torch.equal(bits_view(a), bits_view(x)) for a, (x, _) in zip(xs, pairs))  # only read
+        got = band.cut(K, K + spread, K - spread)
+        fits = band.ok
+        if not (above < K <= above + inside) or not fits:
+            assert got is None and (fits or small)
+            continue
+        assert got is not None
+        res, budget, keep = got
+        assert res[0] == tau and int(keep.sum()) == len(want)
+        for j, r in ((1, K + spread), (2, K - spread)):  # the next bracket's ranks, where the band holds them
+            assert res[j] == at_rank(r) if 1 <= r - above <= inside else np.isnan(res[j])
+        pos, seed_vals, out = band.keep(float(res[0]), budget, keep, olds, {})
+        start = 0
+        for t, (x, x0) in enumerate(pairs):
+            mine = want[(want >= start) & (want < start + x.numel())] - start
+            assert torch.equal(pos[t], mine)
+            assert torch.equal(bits_view(seed_vals[t]), bits_view(x0[mine]))
+            expect = x0.clone()
+            expect[mine] = x[mine]
+            assert torch.equal(bits_view(xs[t]), bits_view(expect))
+            both = int(np.isin(mine.numpy(), olds[t].numpy()).sum())
+            differ = int((bits_view(x[mine]) != bits_view(x0[mine])).sum())
+            assert out[t].tolist() == [len(mine), differ, both, int((~torch.isfinite(x[mine])).sum())]
+            start += x.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["absolute", "relative"])
+@pytest.mark.parametrize("eps", [0.1, 1e-3])
+def test_the_global_band_is_the_pool_bit_for_bit(monkeypatch, dtype, kind, eps):
+    """The global silo with a seed held (engine._step_band: a band, no pool) against the pool
+    without one (_step_pool_many), step after step on 2 threads and 1: parameters, kept sets,
+    seed values and step statistics bit for bit, ties across tensors and a NaN gradient. The
+    steps take every way through it: the first step's sampled bracket, the last step's bracket
+    holding, the last step's missing (the learning rate 30x for a step: the sampled one then),
+    and both missing (made to: the pool takes the step and the next, then the band again)."""
+    def run(held):
+        g = torch.Generator().manual_seed(0)
+        shapes = [(kernels.PARALLEL_MIN + 10,), (300, 200), (1000,), (7,), (70, 71)]
+        params = {f"w{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for i, s in enumerate(shapes)}
+        seed = {n: p.detach().clone() for n, p in params.items()} if held else "none"
+        dst = DST(params.items(), epsilon=eps, silo="global", distance=kind, seed=seed, batched=False)
+        opts = engine.bucket_optimizers(dst.buckets(), params, lambda ps: torch.optim.Adam(ps, lr=1e-2))
+        stats = []
+        for step in range(11):
+            for i, p in enumerate(params.values()):
+                grad = torch.randn(p.shape, generator=g)
+                p.grad = (grad.round() if i % 2 else grad).to(dtype)
+            if step == 4:
+                params["w1"].grad.view(-1)[5] = float("nan")
+            for o in set(opts.values()):
+                o.param_groups[0]["lr"] = 0.3 if step == 6 else 1e-2
+            if step == 8 and held:  # neither bracket holds: nothing at or above lo
+                dst._bracket = (math.inf, math.inf)
+            mislead[0] = step == 8
+            ways.clear()
+            st = dst.step(opts)
+            paths.append(tuple(ways))
+            stats.append((st.nonseed, st.entered, st.left, dst.nonfinite()))
+        return ({n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()},
+                {n: k.seed_vals for n, k in dst.kept.items()}, stats)
+
+    paths, ways, mislead = [], [], [False]
+    for name in ("_keep_band", "_sampled_bracket", "_step_pool_many"):
+        real = getattr(DST, name)
+
+        def call(self, *a, real=real, name=name, **k):
+            ways.append(name)
+            got = real(self, *a, **k)
+            return (math.inf, math.inf) if name == "_sampled_bracket" and mislead[0] else got
+        monkeypatch.setattr(DST, name, call)
+    banded, one_thread = [run(True) for _ in threads()]
+    steps = paths[:11]  # on 2 threads (on 1 a thread's buffer holds the whole band: it may not fit)
+    assert steps[0][0] == "_sampled_bracket" and ("_keep_band",) in steps[1:6]  # the last step's bracket held
+    assert steps[6] == ("_sampled_bracket", "_keep_band")  # 30x larger updates: it missed
+    assert steps[8:] == [("_sampled_bracket", "_step_pool_many"), ("_step_pool_many",),
+                         ("_sampled_bracket", "_keep_band")]
+    paths.clear()
+    pooled = run(False)
+    assert all(p == ("_step_pool_many",) for p in paths)
+    for other in (one_thread, pooled):
+        for a, b in zip(banded[:3], other[:3]):
+            assert a.keys() == b.keys() and all(torch.equal(bits_view(a[n]), bits_view(b[n])) for n in a)
+        assert banded[3] == other[3]
+    assert any(s[3] for s in banded[3]) and any(s[1] for s in banded[3][3:])
