@@ -1610,7 +1610,7 @@ static inline int band_runs(int64_t n, int R) {
         __m512 v = dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind);                            \
         __mmask16 upm = _mm512_cmp_ps_mask(v, _mm512_set1_ps(hi), _CMP_GT_OQ);               \
         __mmask16 inm = _mm512_cmp_ps_mask(v, _mm512_set1_ps(lo), _CMP_GE_OQ) & ~upm;         \
-        _mm512_storeu_ps(in + m, _mm512_maskz_compress_ps(inm, v));                          \
+        _mm512_storeu_ps(to + m * step, _mm512_maskz_compress_ps(inm, v));                   \
         m += __builtin_popcount(inm);                                                        \
         a += __builtin_popcount(upm);                                                        \
     }
@@ -1622,17 +1622,24 @@ static inline int band_runs(int64_t n, int R) {
 #endif
 
 /* one run: the distances above hi counted (*above), the ones in [lo, hi] copied to in, in order
- * (room: `room` values); returns how many, or -1 where they might not fit */
+ * (room: `room` values); returns how many, or -1 where they might not fit. Where lo == hi they
+ * are all that one value: counted only (written over one another at in, room 32 or more). */
 #define BAND_RUN(SUF, D, BITS, LOAD, DIST, FAST)                                             \
     static int64_t band_run_##SUF(const uint##BITS##_t *x, const uint##BITS##_t *x0, int64_t n, int kind, \
                                   D lo, D hi, D *in, int64_t room, int64_t *above) {         \
         int64_t m = 0, a = 0, i = 0;                                                         \
+        if (lo == hi) { /* counted only: nothing moves, the room never runs out */           \
+            if (room < 32) return -1;                                                        \
+            room = INT64_MAX;                                                                \
+        }                                                                                    \
         room -= 32; /* a block starts below room, its 16-wide store ends below room + 16 */   \
+        D *to = in;                                                                          \
+        int64_t step = lo != hi;                                                             \
         FAST                                                                                 \
         for (; i < n; i++) {                                                                 \
             if (m >= room) return -1;                                                        \
             D v = DIST(LOAD(x[i]), LOAD(x0[i]), kind);                                       \
-            in[m] = v;                                                                       \
+            to[m * step] = v;                                                                \
             m += (v >= lo) & !(v > hi);                                                      \
             a += v > hi;                                                                     \
         }                                                                                    \
@@ -1647,8 +1654,9 @@ BAND_RUN(f64, double, 64, bits_f64, dist_d, )
  * neither written): piece p's distances above hi counted (up[p]) and the ones in [lo, hi] copied
  * in order to band buffer b from at[b] on (at[b] advanced; where[2p] = b, where[2p + 1] = the
  * offset, cnt[p] = how many; a run r of a large tensor into buffer r, the small tensors a thread
- * each into their thread's). Buffer b holds cap[b] values. Returns 0, or -1 where a buffer
- * might run over (the band is incomplete then). */
+ * each into their thread's). Buffer b holds cap[b] values. Where lo == hi nothing is copied
+ * (every value in the band is lo): the counts only. Returns 0, or -1 where a buffer might run
+ * over (the band is incomplete then). */
 #define BAND(SUF, T, D, BITS)                                                                \
     int dst_band_##SUF(int64_t count, const T **x, const T **x0, const int64_t *n, int kind, D lo, D hi, \
                        int R, D **band, int64_t *at, const int64_t *cap, int64_t *nruns, int64_t *where, \
@@ -1679,7 +1687,7 @@ BAND_RUN(f64, double, 64, bits_f64, dist_d, )
                 where[2 * p] = r;                                                            \
                 where[2 * p + 1] = at[r];                                                    \
                 cnt[p] = got[r] < 0 ? 0 : got[r];                                            \
-                at[r] += cnt[p];                                                             \
+                at[r] += lo != hi ? cnt[p] : 0;                                              \
             }                                                                                \
         }                                                                                    \
         int runs = entries >= MANY_PARALLEL_MIN ? threads_for(INT64_MAX, ns) : 1;            \
@@ -1694,7 +1702,7 @@ BAND_RUN(f64, double, 64, bits_f64, dist_d, )
             where[2 * p] = b;                                                                \
             where[2 * p + 1] = at[b];                                                        \
             cnt[p] = got < 0 ? 0 : got;                                                      \
-            at[b] += cnt[p];                                                                 \
+            at[b] += lo != hi ? cnt[p] : 0;                                                  \
         }                                                                                    \
         free(small);                                                                         \
         return fail || used ? -1 : 0;                                                        \
@@ -1703,40 +1711,41 @@ BAND(f32, float, float, 32)
 BAND(bf16, uint16_t, float, 16)
 BAND(f64, double, double, 64)
 
-/* dst_band_cut_*: of P pieces (as dst_band_* left them; more than ... above hi: up), the K-th
- * largest distance, tau (res[0]), and the values at ranks r_lo and r_hi (counted from the
- * largest, 1 first; res[1], res[2]: NaN where the rank is outside the band). Per piece, in
+/* dst_band_cut_*: of P pieces (as dst_band_* left them: cnt[p] values in the band, up[p] above
+ * it; `one`: the band is one value, lo == hi, only counted), the K-th largest distance, tau
+ * (res[0]), and the values at ranks r_lo and r_hi (counted from the largest, 1 first; res[1],
+ * res[2]: NaN where the rank is outside the band). Per piece, in
  * position order: the ties at tau it keeps (budget, as one pass counting `need` down would) and
  * how many it keeps (keep: above tau, then those ties; never a distance <= 0). Scratch: all
  * (room 2m + 64, m the band's size), tmp (m + 32). Returns 0, or -1 where the bracket missed
  * (K or more above hi, or fewer than K at or above lo). */
 #define BAND_CUT(SUF, D)                                                                     \
     int dst_band_cut_##SUF(int64_t P, D *const *band, const int64_t *where, const int64_t *cnt, \
-                           const int64_t *up, int64_t K, int64_t r_lo, int64_t r_hi, D *all, D *tmp, \
-                           D *res, int64_t *budget, int64_t *keep) {                         \
-        int64_t m = 0, A = 0, above, unused;                                                 \
+                           const int64_t *up, int one, D lo, int64_t K, int64_t r_lo, int64_t r_hi, D *all, \
+                           D *tmp, D *res, int64_t *budget, int64_t *keep) {                 \
+        int64_t m = 0, A = 0, above = 0, unused;                                             \
         for (int64_t p = 0; p < P; p++) {                                                    \
-            memcpy(all + m, band[where[2 * p]] + where[2 * p + 1], (size_t)cnt[p] * sizeof(D)); \
+            if (!one) memcpy(all + m, band[where[2 * p]] + where[2 * p + 1], (size_t)cnt[p] * sizeof(D)); \
             m += cnt[p];                                                                     \
             A += up[p];                                                                      \
         }                                                                                    \
         if (A >= K || A + m < K) return -1;                                                  \
         D *copy = all + m + 32;                                                              \
-        memcpy(copy, all, (size_t)m * sizeof(D));                                            \
-        D tau = kth_##SUF(all, m, m - (K - A), tmp, &above);                                 \
+        if (!one) memcpy(copy, all, (size_t)m * sizeof(D));                                  \
+        D tau = one ? lo : kth_##SUF(all, m, m - (K - A), tmp, &above);                      \
         int64_t left = K - A - above, ranks[2] = {r_lo, r_hi};                               \
         res[0] = tau;                                                                        \
         for (int j = 0; j < 2; j++) {                                                        \
             res[1 + j] = NAN;                                                                \
             if (ranks[j] - A >= 1 && ranks[j] - A <= m) {                                    \
-                memcpy(all, copy, (size_t)m * sizeof(D));                                    \
-                res[1 + j] = kth_##SUF(all, m, m - (ranks[j] - A), tmp, &unused);           \
+                if (!one) memcpy(all, copy, (size_t)m * sizeof(D));                          \
+                res[1 + j] = one ? lo : kth_##SUF(all, m, m - (ranks[j] - A), tmp, &unused); \
             }                                                                                \
         }                                                                                    \
         for (int64_t p = 0; p < P; p++) {                                                    \
             const D *v = band[where[2 * p]] + where[2 * p + 1];                              \
-            int64_t gt = 0, eq = 0;                                                          \
-            for (int64_t j = 0; j < cnt[p]; j++) {                                           \
+            int64_t gt = 0, eq = one ? cnt[p] : 0;                                           \
+            for (int64_t j = 0; j < cnt[p] && !one; j++) {                                   \
                 gt += v[j] > tau;                                                            \
                 eq += v[j] == tau;                                                           \
             }                                                                                \

@@ -166,7 +166,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype, f.argtypes = C, [I, C, P, P, P, P, C, real, P, P, P, P, P, P, P, P, P]
     for suf, real in (("f32", F), ("f64", D)):
         f = getattr(lib, f"dst_band_cut_{suf}")
-        f.restype, f.argtypes = C, [I, P, P, P, P, I, I, I, P, P, P, P, P]
+        f.restype, f.argtypes = C, [I, P, P, P, P, C, real, I, I, I, P, P, P, P, P]
     for bits in _BITS.values():
         f = getattr(lib, f"dst_reset_{bits}")
         f.restype, f.argtypes = None, [P, P, I, P, I, P, P]
@@ -751,12 +751,14 @@ class Band:
         if not self.ok:
             return None
         where, cnt, up = (np.concatenate([p[i] for p in self.parts]) for i in (4, 5, 6))
-        m, P = int(cnt.sum()), len(cnt)
+        one = self.lo == self.hi  # the band is one value, counted only
+        m, P = 0 if one else int(cnt.sum()), len(cnt)
         wide = _NP_WIDE[self.dtype]
         scratch, tmp, res = np.empty(2 * m + 64, dtype=wide), np.empty(m + 32, dtype=wide), np.empty(3, dtype=wide)
         budget, keep = np.empty(P, dtype=np.int64), np.empty(P, dtype=np.int64)
         if getattr(_state["lib"], f"dst_band_cut_{_np_suffix(scratch)}")(
-                P, self.ptrs, where.ctypes.data, cnt.ctypes.data, up.ctypes.data, K, r_lo, r_hi, scratch.ctypes.data,
+                P, self.ptrs, where.ctypes.data, cnt.ctypes.data, up.ctypes.data, int(one), self.lo, K, r_lo, r_hi,
+                scratch.ctypes.data,
                 tmp.ctypes.data, res.ctypes.data, budget.ctypes.data, keep.ctypes.data):
             return None
         return res, budget, keep
