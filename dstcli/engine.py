@@ -52,8 +52,8 @@ from dstcli import heap, kernels
 from dstcli.dtypes import bits_view
 from dstcli.errors import DstError
 from dstcli.patchfile import Change
-from dstcli.select import (SAMPLED_MIN, DISTANCES, _sample_ends, distance, kth_largest, positions_above, rows_indices, rows_keep,
-                           segments_keep, sparse_bracket, top_indices)
+from dstcli.select import (SAMPLED_MIN, DISTANCES, distance, kth_largest, positions_above, rows_indices, rows_keep,
+                           sample_ends, segments_keep, sparse_bracket, top_indices)
 from dstcli.silos import allocate, budget_total, silo_rows
 
 
@@ -464,26 +464,25 @@ class DST:
         dtype = next(iter(self.params.values())).dtype
         if self._band is None or self._band.dtype != dtype:
             self._band = kernels.Band(dtype, max(K // 4, BAND_MIN) + 64)
-        band, got, stepped = self._band, None, False
-        margin = max(math.ceil(self._margin * K), BAND_MARGIN_MIN)
-        if self._bracket is not None:
-            band.start(*self._bracket, self.distance)
+        band = self._band
+
+        def read(bracket: tuple[float, float], step: bool):  # the band's pass over every bucket
+            band.start(*bracket, self.distance)
             for names in buckets:
-                optimizers[names[0]].step()
+                if step:
+                    optimizers[names[0]].step()
                 band.add(self._flat(names), self._flat(names, self.seed))
-            stepped = True
-            got = band.cut(K, K + margin, K - margin)
-            if got is None:
+            return band.cut(K, K + margin, K - margin)
+        margin = max(math.ceil(self._margin * K), BAND_MARGIN_MIN)
+        got = None if self._bracket is None else read(self._bracket, True)
+        if got is None:
+            if self._bracket is not None:  # it missed: a wider margin from here on
                 self._margin = min(2 * self._margin, BAND_MARGIN_MAX)
                 margin = max(math.ceil(self._margin * K), BAND_MARGIN_MIN)
-        if got is None:
-            if not stepped:
+            else:
                 for names in buckets:
                     optimizers[names[0]].step()
-            band.start(*self._sampled_bracket(buckets, K), self.distance)
-            for names in buckets:
-                band.add(self._flat(names), self._flat(names, self.seed))
-            got = band.cut(K, K + margin, K - margin)
+            got = read(self._sampled_bracket(buckets, K), False)
         if got is None:
             self._bracket, self._band_misses = None, self._band_misses + 1
             self._band_wait = min(1 << (self._band_misses - 1), 64)
@@ -498,7 +497,7 @@ class DST:
         stride, j_lo, j_hi = sparse_bracket(sum(self.params[n].numel() for n in names), K)
         sample = np.concatenate([kernels.sample(p, s, self.distance, stride)
                                  for b in buckets for p, s in zip(self._flat(b), self._flat(b, self.seed))])
-        lo, hi, _ = _sample_ends(sample, min(j_lo, len(sample)), j_hi)
+        lo, hi, _ = sample_ends(sample, min(j_lo, len(sample)), j_hi)
         return lo, hi
 
     def _keep_band(self, band: kernels.Band, got: tuple, K: int, margin: int) -> StepStats:
@@ -616,8 +615,8 @@ class DST:
         return got if got is not None else kth_largest(pool.values(), K)
 
     def _step_with_seed(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer | None):
-        """Step a bucket's optimizer (None: stepped already, with a seed held); returns its tensors and what the kernels take as their seed
-        (flat): with a seed held, its views; else copies of the tensors from before the step
+        """Step a bucket's optimizer (None: stepped already, with a seed held); returns its
+        tensors and what the kernels take as their seed (flat): with a seed held, its views; else copies of the tensors from before the step
         (a snapshot in the scratch, whose views are kept while it keeps its memory, as _flat
         keeps the tensors'), which the kernels make the seed by writing the kept seed values
         back. On the 25M model at epsilon 1e-1 the copy and the writing back cost 3-7 ms a step

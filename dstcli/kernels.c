@@ -29,6 +29,9 @@
  *                 A whole share (every entry, its position implicit) comes out as any other.
  *   dst_cut_many_* dst_cut_* over a pool's parts in one call (on several threads, each part's ties
  *                 at tau budgeted as the shared count would)
+ *   dst_band_*    the global silo with its seed held: a read of stepped tensors copying out the
+ *                 distances inside a bracket; dst_band_cut_* their K-th largest and each run's
+ *                 ties at it; dst_band_keep_* the keeping pass over every tensor (as dst_top_*'s)
  *
  * Compiled with -ffp-contract=off: no fused multiply-adds, so the arithmetic rounds as torch's.
  */

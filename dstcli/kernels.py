@@ -5,7 +5,8 @@ compares, gathers and copies, each a pass of its own. kernels.c fuses them and g
 bits: a tensor silo's whole projection in one call (`top`: sample, bracket, k-th largest, then
 tie rule, reset and the kept entries in one pass), row silos' and small silos' likewise a row at a time (`rows`), the
 global silo's share of each tensor with its reset in one pass (`share`) and each cut of the pool
-in one call over its parts (`cut_many`). select.py and engine.py call them where they serve (a
+in one call over its parts (`cut_many`), or with its seed held no pool: a band of the distances
+near its K-th largest, then one keeping pass (`Band`). select.py and engine.py call them where they serve (a
 CPU tensor of float32, bfloat16 or float64, laid out contiguously) and take their torch paths
 otherwise.
 

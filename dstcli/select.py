@@ -143,7 +143,7 @@ def top_positions(x: torch.Tensor, x0: torch.Tensor, k: int, kind: str = "absolu
         return None
     flat, flat0 = x.view(-1), x0.view(-1)
     stride, j_lo, j_hi = sparse_bracket(m, k)
-    lo, hi, ties = _sample_ends(kernels.sample(flat, flat0, kind, stride), j_lo, j_hi)
+    lo, hi, ties = sample_ends(kernels.sample(flat, flat0, kind, stride), j_lo, j_hi)
     # no cap below m: with quantized distances (bf16) the count at lo can be far above the
     # sample's estimate, and only the pages the candidates fill are ever touched
     pos, val = kernels.candidates(flat, flat0, kind, lo, False, m)
@@ -163,7 +163,7 @@ def sparse_bracket(m: int, k: int) -> tuple[int, int, int]:
     return sample_bracket(m, k, max(4096, min(_SAMPLE, m // 256)))
 
 
-def _sample_ends(sample: np.ndarray, j_lo: int, j_hi: int) -> tuple[float, float, bool]:
+def sample_ends(sample: np.ndarray, j_lo: int, j_hi: int) -> tuple[float, float, bool]:
     """A sample's j_lo-th and j_hi-th largest values (the bracket's ends; hi = inf where j_hi < 1)
     and whether its values inside the bracket repeat (`_tied`). Partitions the sample in place."""
     s = len(sample)
@@ -195,7 +195,7 @@ def kth_largest(parts: list[np.ndarray], k: int) -> tuple[float, int, int]:
         for p in parts:
             picks.append(p[(-start) % stride::stride])
             start += len(p)
-        lo, hi, ties = _sample_ends(np.concatenate(picks), j_lo, j_hi)
+        lo, hi, ties = sample_ends(np.concatenate(picks), j_lo, j_hi)
         if kernels.lib() is not None:
             got = [kernels.bracket(np.ascontiguousarray(p), lo, hi) for p in parts]
             inside, n_above = np.concatenate([g[0] for g in got]), sum(g[1] for g in got)
