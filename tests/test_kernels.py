@@ -1037,3 +1037,34 @@ def test_the_global_band_is_the_pool_bit_for_bit(monkeypatch, dtype, kind, eps):
             assert a.keys() == b.keys() and all(torch.equal(bits_view(a[n]), bits_view(b[n])) for n in a)
         assert banded[3] == other[3]
     assert any(s[3] for s in banded[3]) and any(s[1] for s in banded[3][3:])
+
+
+def test_the_band_backs_off_to_the_pool_after_misses(monkeypatch):
+    """Where both brackets keep missing (made to: the band never gives a K-th largest), the pool
+    takes every step and the band is tried again after 1, 2, 4 ... steps (DST._step_band); the
+    parameters and kept sets are the pool's throughout."""
+    def run(held):
+        g = torch.Generator().manual_seed(3)
+        params = {f"w{i}": torch.nn.Parameter(torch.randn(s, generator=g)) for i, s in enumerate([(5000,), (300, 40)])}
+        seed = {n: p.detach().clone() for n, p in params.items()} if held else "none"
+        dst = DST(params.items(), epsilon=0.05, silo="global", seed=seed, batched=False)
+        opts = engine.bucket_optimizers(dst.buckets(), params, lambda ps: torch.optim.Adam(ps, lr=1e-2))
+        for step in range(12):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=g)
+            ways.append([])
+            dst.step(opts)
+        return {n: p.detach().clone() for n, p in params.items()}, {n: k.idx for n, k in dst.kept.items()}
+
+    ways = []
+    for name in ("_sampled_bracket", "_step_pool_many"):
+        real = getattr(DST, name)
+        monkeypatch.setattr(DST, name, lambda self, *a, real=real, name=name, **k: ways[-1].append(name) or real(self, *a, **k))
+    monkeypatch.setattr(kernels.Band, "cut", lambda self, *a, **k: None)
+    banded = run(True)
+    tried = [i for i, w in enumerate(ways) if "_sampled_bracket" in w]
+    assert tried == [0, 2, 5, 10] and all("_step_pool_many" in w for w in ways)  # waits of 1, 2, 4 steps
+    ways.clear()
+    pooled = run(False)
+    for a, b in zip(banded, pooled):
+        assert all(torch.equal(a[n], b[n]) for n in a)
