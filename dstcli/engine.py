@@ -449,11 +449,11 @@ class DST:
         last step's distances a margin of ranks either side of its K-th largest; once every
         bucket is stepped the band gives this step's K-th largest (Band.cut), and one call keeps
         and resets every tensor (Band.keep, as dst_top_*'s second pass). Where there is no
-        bracket yet, or it missed (or its band would not fit: K / 4 values a thread), a sample of
-        every tensor brackets the K-th largest instead (as select.top_indices does a silo's) for a
-        second read; only where that misses too does the pool take the stepped tensors
-        (_step_pool_many), and then it takes the next 1, 2, 4 ... 64 steps before the band is
-        tried again. At epsilon 1e-1 the pool held ~4K entries before its first cut (25M model,
+        bracket yet, or it missed (or its band would not fit: max(K / 4, BAND_MIN) values a
+        thread), a sample of every tensor brackets the K-th largest instead (as
+        select.top_indices does a silo's) for a second read; only where that misses too does the
+        pool take the stepped tensors (_step_pool_many), and then it takes the next 1, 2, 4 ...
+        64 steps before the band is tried again. At epsilon 1e-1 the pool held ~4K entries before its first cut (25M model,
         bf16: its shares, cuts and churn count 24 ms of a 50 ms update); the band holds a few
         hundredths of K."""
         K = self.alloc

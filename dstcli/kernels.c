@@ -1596,7 +1596,8 @@ KTH_PARTS(f64, double)
  * last step's ranks (dst_band_*), the band gives the K-th largest (dst_band_cut_*), and a
  * second pass keeps and resets each tensor as dst_top_*'s does (dst_band_keep_*). The first
  * pass writes nothing to the tensors, so a bracket that misses costs that pass only: the caller
- * then takes the pool (dst_pool_many_*) over the same stepped tensors.
+ * then reads again with a bracket from a sample, and where that misses too takes the pool
+ * (dst_pool_many_*) over the same stepped tensors.
  *
  * A tensor's runs: from PARALLEL_MIN entries on threads_for(n, n >> 16) of them (run_at), else
  * one, at most R (the caller's buffers); run r of tensor t is piece R t + r, pieces in position
@@ -1613,7 +1614,7 @@ static inline int band_runs(int64_t n, int R) {
         __m512 v = dist_v16(LOAD16(x + i), LOAD16(x0 + i), kind);                            \
         __mmask16 upm = _mm512_cmp_ps_mask(v, _mm512_set1_ps(hi), _CMP_GT_OQ);               \
         __mmask16 inm = _mm512_cmp_ps_mask(v, _mm512_set1_ps(lo), _CMP_GE_OQ) & ~upm;         \
-        _mm512_storeu_ps(to + m * step, _mm512_maskz_compress_ps(inm, v));                   \
+        _mm512_storeu_ps(in + m * step, _mm512_maskz_compress_ps(inm, v));                   \
         m += __builtin_popcount(inm);                                                        \
         a += __builtin_popcount(upm);                                                        \
     }
@@ -1636,13 +1637,12 @@ static inline int band_runs(int64_t n, int R) {
             room = INT64_MAX;                                                                \
         }                                                                                    \
         room -= 32; /* a block starts below room, its 16-wide store ends below room + 16 */   \
-        D *to = in;                                                                          \
         int64_t step = lo != hi;                                                             \
         FAST                                                                                 \
         for (; i < n; i++) {                                                                 \
             if (m >= room) return -1;                                                        \
             D v = DIST(LOAD(x[i]), LOAD(x0[i]), kind);                                       \
-            to[m * step] = v;                                                                \
+            in[m * step] = v;                                                                \
             m += (v >= lo) & !(v > hi);                                                      \
             a += v > hi;                                                                     \
         }                                                                                    \
