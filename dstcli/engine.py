@@ -453,9 +453,9 @@ class DST:
         thread), a sample of every tensor brackets the K-th largest instead (as
         select.top_indices does a silo's) for a second read; only where that misses too does the
         pool take the stepped tensors (_step_pool_many), and then it takes the next 1, 2, 4 ...
-        64 steps before the band is tried again. At epsilon 1e-1 the pool held ~4K entries before its first cut (25M model,
-        bf16: its shares, cuts and churn count 24 ms of a 50 ms update); the band holds a few
-        hundredths of K."""
+        64 steps before the band is tried again. At epsilon 1e-1 the pool held ~4K entries
+        before its first cut (25M model, bf16: its shares, cuts and churn count 24 ms of a 50 ms
+        update); the band holds a few hundredths of K."""
         K = self.alloc
         buckets = self._buckets(groups)
         if self._band_wait:
@@ -616,11 +616,12 @@ class DST:
 
     def _step_with_seed(self, b: kernels.Bucket, names: tuple[str, ...], opt: torch.optim.Optimizer | None):
         """Step a bucket's optimizer (None: stepped already, with a seed held); returns its
-        tensors and what the kernels take as their seed (flat): with a seed held, its views; else copies of the tensors from before the step
-        (a snapshot in the scratch, whose views are kept while it keeps its memory, as _flat
-        keeps the tensors'), which the kernels make the seed by writing the kept seed values
-        back. On the 25M model at epsilon 1e-1 the copy and the writing back cost 3-7 ms a step
-        (BENCHMARKS.md, "The seed memory-mapped from the base")."""
+        tensors and what the kernels take as their seed (flat): with a seed held, its views;
+        else copies of the tensors from before the step (a snapshot in the scratch, whose views
+        are kept while it keeps its memory, as _flat keeps the tensors'), which the kernels make
+        the seed by writing the kept seed values back. On the 25M model at epsilon 1e-1 the copy
+        and the writing back cost 3-7 ms a step (BENCHMARKS.md, "The seed memory-mapped from the
+        base")."""
         params = self._flat(names)
         if self.seed is not None:
             if opt is not None:

@@ -353,6 +353,19 @@ def _carve(work: dict | None, sizes: list[tuple[int, type]]) -> list[np.ndarray]
     return [buf[o:o + n * np.dtype(t).itemsize].view(t) for o, (n, t) in zip(offsets, sizes)]
 
 
+def _runs(work: dict, threads: int) -> list[dict]:
+    """The scratch dicts of `threads` threads' runs: `work` itself for the first, kept in it for
+    the others (work["run r"]), so that each keeps its memory from call to call."""
+    return [work] + [work.setdefault(f"run {r}", {}) for r in range(1, threads)]
+
+
+def _parts(buf: torch.Tensor, count: np.ndarray, room: np.ndarray) -> list[torch.Tensor]:
+    """Views of consecutive parts of buf: part i is its first count[i] entries of room[i]."""
+    cuts = np.empty(2 * len(count), dtype=np.int64)  # each part's entries, then the room left after them
+    cuts[0::2], cuts[1::2] = count, room - count
+    return list(buf.split(cuts.tolist())[0::2])
+
+
 def top(x: torch.Tensor, x0: torch.Tensor, kind: str, k: int, stride: int, j_lo: int, j_hi: int,
         work: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """A tensor silo's projection in one call: select.top_positions(x, x0, k, kind) with the
@@ -471,7 +484,7 @@ class Bucket:
         PARALLEL_MIN. Kept for the next call while `work` holds the same buffers (the cache holds
         them too, so that no other array can take their ids): carving them again cost more than
         the kernel on small buckets."""
-        runs = [work] + [work.setdefault(f"run {r}", {}) for r in range(1, threads)]
+        runs = _runs(work, threads)
         key = tuple(id(run.get("buf")) for run in runs)
         if self._scratch is not None and self._scratch[0] == key:
             return self._scratch[2]
@@ -525,10 +538,7 @@ def many(b: Bucket, x: list[torch.Tensor], x0: list[torch.Tensor], old_idx: list
     dict kept from call to call for the scratch memory."""
     bufs, off, out = _bucket_call("dst_many", b, x, x0, old_idx, old_seed, kind, work, (b.starts, b.k, b.hint), (),
                                   [torch.long, b.dtype], 4)
-    cuts = np.empty(2 * b.count, dtype=np.int64)  # tensor t's kept entries, then the room left after them
-    cuts[0::2] = out[:, 0].clip(0)
-    cuts[1::2] = np.diff(off) - cuts[0::2]
-    pos, seed = (t.split(cuts.tolist())[0::2] for t in bufs)
+    pos, seed = (_parts(t, out[:, 0].clip(0), np.diff(off)) for t in bufs)
     return pos, seed, out
 
 
@@ -565,8 +575,7 @@ def churn(kept: list[torch.Tensor], old: list[torch.Tensor], x: list[torch.Tenso
         P = ctypes.c_void_p * T
         big = max(x[i].numel() for i in at)
         maps = []
-        for r in range(threads):
-            run = work if r == 0 else work.setdefault(f"run {r}", {})
+        for run in _runs(work, threads):
             if "map" not in run or len(run["map"]) < big:  # all 0 between calls (the kernel clears what it sets)
                 run["map"] = np.zeros(max(big, 1), dtype=np.uint8)
             maps.append(run["map"].ctypes.data)
@@ -625,10 +634,8 @@ class Pool:
         return out
 
     def _split(self, buf: torch.Tensor, first: int, n: int) -> list[torch.Tensor]:
-        off, count = self.off[first:first + n], self.count[first:first + n]
-        cuts = np.empty(2 * n, dtype=np.int64)  # each part's entries, then the room after them
-        cuts[0::2], cuts[1::2] = count, np.append(off[1:], len(buf)) - off - count
-        return list(buf.split(cuts.tolist())[0::2])
+        off = self.off[first:first + n]
+        return _parts(buf, self.count[first:first + n], np.append(off[1:], len(buf)) - off)
 
     def kth(self, K: int, stride: int, j_lo: int, j_hi: int, work: dict) -> tuple[float, int, int] | None:
         """select.kth_largest over the parts' distances in one call, the sample's stride and
@@ -759,8 +766,7 @@ class Band:
         budget, keep = np.empty(P, dtype=np.int64), np.empty(P, dtype=np.int64)
         if getattr(_state["lib"], f"dst_band_cut_{_np_suffix(scratch)}")(
                 P, self.ptrs, where.ctypes.data, cnt.ctypes.data, up.ctypes.data, int(one), self.lo, K, r_lo, r_hi,
-                scratch.ctypes.data,
-                tmp.ctypes.data, res.ctypes.data, budget.ctypes.data, keep.ctypes.data):
+                scratch.ctypes.data, tmp.ctypes.data, res.ctypes.data, budget.ctypes.data, keep.ctypes.data):
             return None
         return res, budget, keep
 
@@ -779,8 +785,7 @@ class Band:
         off = np.concatenate([[0], np.cumsum(room)]).astype(np.int64)
         pos, seed = torch.empty(int(off[-1]), dtype=torch.long), torch.empty(int(off[-1]), dtype=self.dtype)
         maps = []
-        for r in range(R):  # a bitmap a thread of the old kept set (a bit an entry of a run)
-            run = work if r == 0 else work.setdefault(f"run {r}", {})
+        for run in _runs(work, R):  # a bitmap a thread of the old kept set (a bit an entry of a run)
             if len(run.get("bm", ())) < int(n.max()) // 8 + 64:
                 run["bm"] = np.empty(int(n.max()) // 8 + 64, dtype=np.uint8)
             maps.append(run["bm"].ctypes.data)
@@ -792,7 +797,4 @@ class Band:
                 n_old.ctypes.data, pos.data_ptr(), seed.data_ptr(), off.ctypes.data, (ctypes.c_void_p * R)(*maps),
                 out.ctypes.data):
             raise RuntimeError("the band's tensors changed between its two passes")
-        cuts = np.empty(2 * T, dtype=np.int64)  # tensor t's kept entries, then the room left after them
-        cuts[0::2] = out[:, 0]
-        cuts[1::2] = room - out[:, 0]
-        return list(pos.split(cuts.tolist())[0::2]), list(seed.split(cuts.tolist())[0::2]), out
+        return _parts(pos, out[:, 0], room), _parts(seed, out[:, 0], room), out
